@@ -1,0 +1,620 @@
+"""
+The AlignTok tokenizer: a DINOv2 encoder, an adapter to a small latent, and a
+convolutional decoder (arXiv 2509.25162).
+
+    image [-1, 1] --resize--> DINOv2 --> patch tokens --> adapter --> z (N, C, h, w)
+    z --> decoder --> image [-1, 1]
+
+The file reads top to bottom: the shared attention, the DINOv2 ViT and its weight
+loading, then the adapter, the decoder and the AlignTok module that joins them.
+"""
+import json
+import math
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+#################################################################################
+#                     Attention (shared with the DiT in dit.py)                 #
+#################################################################################
+
+def apply_rope(x, cos, sin):
+    """Rotates adjacent pairs of channels (x[2i], x[2i+1]) of x (N, H, T, Dh) by the
+    angles whose cos/sin are given per token and pair, shape (T, Dh // 2)."""
+    x_even, x_odd = x[..., 0::2], x[..., 1::2]
+    rotated_even = x_even * cos - x_odd * sin
+    rotated_odd = x_even * sin + x_odd * cos
+    return torch.stack((rotated_even, rotated_odd), dim=-1).flatten(-2)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention, the one attention of the project.
+
+    Optional QK-norm (RMSNorm per head on q and k, applied before RoPE) and optional
+    rotary embedding given as a (cos, sin) pair at call time. There is no branching on
+    tensor values, so the module compiles with torch.compile(fullgraph=True).
+    """
+
+    def __init__(self, dim, num_heads, qkv_bias=True, qk_norm=False):
+        super().__init__()
+        assert dim % num_heads == 0, f"dim {dim} is not divisible by num_heads {num_heads}"
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, rope=None):
+        N, T, D = x.shape
+        qkv = self.qkv(x).reshape(N, T, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)          # each (N, H, T, Dh)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        x = F.scaled_dot_product_attention(q, k, v)               # (N, H, T, Dh)
+        x = x.transpose(1, 2).reshape(N, T, D)                    # (N, T, D)
+        return self.proj(x)
+
+
+#################################################################################
+#                                 DINOv2 ViT                                    #
+#################################################################################
+
+# The official architectures (facebookresearch/dinov2 hubconf). Registers come from
+# the "_reg" suffix of the name; every field can be overridden in load_dinov2.
+DINOV2_ARCHS = {
+    "dinov2_vits14": dict(embed_dim=384, depth=12, num_heads=6, ffn="mlp"),
+    "dinov2_vitb14": dict(embed_dim=768, depth=12, num_heads=12, ffn="mlp"),
+    "dinov2_vitl14": dict(embed_dim=1024, depth=24, num_heads=16, ffn="mlp"),
+    "dinov2_vitg14": dict(embed_dim=1536, depth=40, num_heads=24, ffn="swiglu"),
+}
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class SwiGLUFused(nn.Module):
+    """The giant model's MLP: one fused input projection w12 split into gate and value."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        hidden = (int(hidden * 2 / 3) + 7) // 8 * 8   # official rounding: 6144 -> 4096
+        self.w12 = nn.Linear(dim, 2 * hidden)
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        gate, value = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(gate) * value)
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class ViTBlock(nn.Module):
+    def __init__(self, dim, num_heads, ffn):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias=True)
+        self.ls1 = LayerScale(dim)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = SwiGLUFused(dim, 4 * dim) if ffn == "swiglu" else Mlp(dim, 4 * dim)
+        self.ls2 = LayerScale(dim)
+
+    def forward(self, x):
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        x = x + self.ls2(self.mlp(self.norm2(x)))
+        return x
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size, dim):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)           # (N, h*w, D)
+
+
+class DINOv2(nn.Module):
+    """The DINOv2 ViT with the official parameter names, so official state dicts load
+    as they are. Tokens are [CLS, registers, patches]; registers get no position
+    embedding. Position embeddings are stored for the native img_size grid and resized
+    for other inputs exactly as the official code does (see interpolate_pos_embed)."""
+
+    def __init__(self, embed_dim=384, depth=12, num_heads=6, ffn="mlp", patch_size=14,
+                 img_size=518, num_register_tokens=0):
+        super().__init__()
+        self.config = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, ffn=ffn,
+                           patch_size=patch_size, img_size=img_size,
+                           num_register_tokens=num_register_tokens)
+        self.embed_dim = embed_dim
+        self.patch_size = patch_size
+        self.num_register_tokens = num_register_tokens
+        # The official hub models differ in how they resize position embeddings:
+        # without registers, scale factor (grid + 0.1) / M and no antialias; with
+        # registers, the exact grid size with antialias.
+        self.interpolate_offset = 0.0 if num_register_tokens else 0.1
+        self.interpolate_antialias = bool(num_register_tokens)
+        grid = img_size // patch_size
+        self.patch_embed = PatchEmbed(patch_size, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, embed_dim))
+        if num_register_tokens:
+            self.register_tokens = nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))  # unused; kept for the official keys
+        self.blocks = nn.ModuleList([ViTBlock(embed_dim, num_heads, ffn) for _ in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        # As the official code: truncated normal for linear weights and position
+        # embeddings, small normal for tokens, LayerScale at 1.0.
+        def _init(module):
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+        self.apply(_init)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        if self.num_register_tokens:
+            nn.init.normal_(self.register_tokens, std=1e-6)
+
+    def interpolate_pos_embed(self, height, width):
+        """Position embeddings (1, 1 + h*w, D) for an input of height x width pixels."""
+        grid_h, grid_w = height // self.patch_size, width // self.patch_size
+        pos_embed = self.pos_embed.float()
+        class_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
+        M = int(math.sqrt(patch_pos.shape[1]))
+        if (grid_h, grid_w) == (M, M):
+            return self.pos_embed
+        patch_pos = patch_pos.reshape(1, M, M, -1).permute(0, 3, 1, 2)  # (1, D, M, M)
+        if self.interpolate_offset:
+            scale = ((grid_h + self.interpolate_offset) / M, (grid_w + self.interpolate_offset) / M)
+            patch_pos = F.interpolate(patch_pos, scale_factor=scale, mode="bicubic",
+                                      antialias=self.interpolate_antialias)
+        else:
+            patch_pos = F.interpolate(patch_pos, size=(grid_h, grid_w), mode="bicubic",
+                                      antialias=self.interpolate_antialias)
+        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)
+        return torch.cat((class_pos, patch_pos), dim=1).to(self.pos_embed.dtype)
+
+    def forward_features(self, x):
+        N, _, H, W = x.shape
+        if H % self.patch_size or W % self.patch_size:
+            raise ValueError(f"DINOv2 input size {H}x{W} is not a multiple of the patch size "
+                             f"{self.patch_size}; resize the images to a multiple first")
+        x = self.patch_embed(x)                                    # (N, h*w, D)
+        x = torch.cat((self.cls_token.expand(N, -1, -1), x), dim=1)
+        x = x + self.interpolate_pos_embed(H, W)                   # (N, 1 + h*w, D)
+        if self.num_register_tokens:
+            x = torch.cat((x[:, :1], self.register_tokens.expand(N, -1, -1), x[:, 1:]), dim=1)
+        for block in self.blocks:
+            x = block(x)                                           # (N, 1 + R + h*w, D)
+        x_norm = self.norm(x)
+        R = self.num_register_tokens
+        return {
+            "x_norm_clstoken": x_norm[:, 0],                       # (N, D)
+            "x_norm_regtokens": x_norm[:, 1:R + 1],                # (N, R, D)
+            "x_norm_patchtokens": x_norm[:, R + 1:],               # (N, h*w, D)
+            "x_prenorm": x,                                        # (N, 1 + R + h*w, D)
+        }
+
+    def forward(self, x):
+        return self.forward_features(x)["x_norm_clstoken"]
+
+
+#################################################################################
+#                           DINOv2 weight loading                               #
+#################################################################################
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def read_safetensors(path):
+    """Reads a .safetensors file: an 8-byte little-endian header length, a JSON header
+    naming each tensor's dtype, shape and byte range, then the raw bytes."""
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+        data = bytearray(f.read())
+    state = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+        tensor = torch.frombuffer(data, dtype=dtype, offset=start, count=(end - start) // dtype.itemsize) \
+            if end > start else torch.empty(0, dtype=dtype)
+        state[name] = tensor.reshape(info["shape"]).clone()
+    return state
+
+
+def convert_hf_dinov2(state):
+    """Converts a Hugging Face Dinov2Model / Dinov2WithRegistersModel state dict to the
+    official key layout. Both the hub files' names (attention.attention.query, ...) and
+    newer transformers' names (attention.q_proj, mlp.gate_proj, ...) are accepted; split
+    projections are fused back (q, k, v into qkv; gate, up into w12)."""
+    state = {k.removeprefix("dinov2."): v for k, v in state.items()}
+    renames = {
+        "embeddings.cls_token": "cls_token", "embeddings.mask_token": "mask_token",
+        "embeddings.position_embeddings": "pos_embed", "embeddings.register_tokens": "register_tokens",
+        "embeddings.patch_embeddings.projection.": "patch_embed.proj.", "layernorm.": "norm.",
+    }
+    block_renames = {
+        "attention.output.dense.": "attn.proj.", "attention.o_proj.": "attn.proj.",
+        "layer_scale1.lambda1": "ls1.gamma", "layer_scale2.lambda1": "ls2.gamma",
+        "mlp.weights_in.": "mlp.w12.", "mlp.weights_out.": "mlp.w3.", "mlp.down_proj.": "mlp.w3.",
+    }
+    # Split projections that the official layout keeps fused: name -> (fused name, part, parts).
+    fused = {"attention.attention.query.": ("attn.qkv.", 0, 3), "attention.q_proj.": ("attn.qkv.", 0, 3),
+             "attention.attention.key.": ("attn.qkv.", 1, 3), "attention.k_proj.": ("attn.qkv.", 1, 3),
+             "attention.attention.value.": ("attn.qkv.", 2, 3), "attention.v_proj.": ("attn.qkv.", 2, 3),
+             "mlp.gate_proj.": ("mlp.w12.", 0, 2), "mlp.up_proj.": ("mlp.w12.", 1, 2)}
+    out, fused_parts = {}, {}
+    for key, value in state.items():
+        new_key = key
+        if key.startswith("encoder.layer."):
+            index, rest = key.removeprefix("encoder.layer.").split(".", 1)
+            split = [(n, f) for n, f in fused.items() if rest.startswith(n)]
+            if split:
+                name, (fused_name, part, parts) = split[0]
+                target = f"blocks.{index}.{fused_name}{rest[len(name):]}"
+                fused_parts.setdefault(target, [None] * parts)[part] = value
+                continue
+            for old, new in block_renames.items():
+                if rest.startswith(old):
+                    rest = new + rest[len(old):]
+                    break
+            new_key = f"blocks.{index}.{rest}"
+        else:
+            for old, new in renames.items():
+                if key.startswith(old):
+                    new_key = new + key[len(old):]
+                    break
+        out[new_key] = value  # a key we do not know stays as is, so strict loading names it
+    for key, parts in fused_parts.items():
+        if any(p is None for p in parts):
+            raise RuntimeError(f"Hugging Face DINOv2 weights lack one of the parts of {key}")
+        out[key] = torch.cat(parts, dim=0)
+    return out
+
+
+def read_dinov2_weights(path):
+    """A state dict in the official key layout from an official .pth, or from a Hugging
+    Face model.safetensors / pytorch_model.bin."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"DINOv2 weight file not found: {path} (pass the path of an official "
+                                f"dinov2_*_pretrain.pth or a Hugging Face model.safetensors)")
+    if path.endswith(".safetensors"):
+        state = read_safetensors(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if any(k.startswith(("embeddings.", "dinov2.embeddings.")) for k in state):
+        state = convert_hf_dinov2(state)
+    return state
+
+
+def load_state_dict_strict(model, state, source):
+    """load_state_dict that fails loudly, naming missing, unexpected and mis-shaped keys
+    and the file they came from."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = sorted(f"{k} (file {tuple(state[k].shape)}, model {tuple(own[k].shape)})"
+                        for k in set(own) & set(state) if state[k].shape != own[k].shape)
+    if missing or unexpected or mismatched:
+        problems = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mismatched)):
+            if keys:
+                shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
+                problems.append(f"{label} keys: {shown}")
+        raise RuntimeError(f"{source} does not match the model: " + "; ".join(problems)
+                           + ". Check that the file and the model name/overrides belong together.")
+    model.load_state_dict(state, strict=True)
+
+
+def load_dinov2(name, weights=None, **overrides):
+    """Builds a DINOv2 ViT by its torch.hub name ("dinov2_vitl14", "dinov2_vitl14_reg", ...).
+
+    weights: None for random initialisation, or the path of an official .pth state dict
+    or a Hugging Face model.safetensors / pytorch_model.bin. overrides change any
+    architecture field (depth, embed_dim, num_heads, patch_size, img_size, ...), so that
+    small encoders for CPU runs use the same code.
+    """
+    base = name.removesuffix("_reg")
+    if base not in DINOV2_ARCHS:
+        raise ValueError(f"unknown DINOv2 model {name!r}; choose one of "
+                         + ", ".join(n + s for n in DINOV2_ARCHS for s in ("", "_reg")))
+    config = dict(DINOV2_ARCHS[base], patch_size=14, img_size=518,
+                  num_register_tokens=4 if name.endswith("_reg") else 0)
+    unknown = set(overrides) - set(config)
+    if unknown:
+        raise ValueError(f"unknown DINOv2 override(s) {sorted(unknown)}; allowed: {sorted(config)}")
+    config.update(overrides)
+    model = DINOv2(**config)
+    if weights is not None:
+        load_state_dict_strict(model, read_dinov2_weights(weights), weights)
+    return model
+
+
+#################################################################################
+#                                   Adapter                                     #
+#################################################################################
+
+class Adapter(nn.Module):
+    """Two-layer MLP applied to each patch token: encoder width -> latent channels."""
+
+    def __init__(self, in_dim, latent_channels=32, hidden_dim=None):
+        super().__init__()
+        hidden_dim = hidden_dim or in_dim
+        self.fc1 = nn.Linear(in_dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, latent_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        for layer in (self.fc1, self.fc2):
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, tokens, grid_size):
+        z = self.fc2(F.gelu(self.fc1(tokens)))                      # (N, h*w, C)
+        h, w = grid_size
+        return z.transpose(1, 2).reshape(z.shape[0], -1, h, w)    # (N, C, h, w)
+
+
+#################################################################################
+#                          Decoder (VA-VAE / LDM style)                         #
+#################################################################################
+
+def group_norm(channels):
+    return nn.GroupNorm(num_groups=min(32, channels), num_channels=channels, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_channels, out_channels):
+        super().__init__()
+        self.norm1 = group_norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = group_norm(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.shortcut(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention over the pixels of a feature map, with the project's
+    one Attention on the flattened map."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.norm = group_norm(channels)
+        self.attn = Attention(channels, num_heads=1)
+
+    def forward(self, x):
+        N, C, H, W = x.shape
+        h = self.norm(x).flatten(2).transpose(1, 2)               # (N, H*W, C)
+        h = self.attn(h).transpose(1, 2).reshape(N, C, H, W)
+        return x + h
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Decoder(nn.Module):
+    """The LDM / VA-VAE convolutional decoder. With the defaults (width 128, multipliers
+    (1, 1, 2, 2, 4), two residual blocks per level, attention at the latent resolution)
+    it maps a 16x16x32 latent to a 256x256 image with about 41.4M parameters.
+
+    As in LDM, each level of the upsampling path has res_blocks + 1 residual blocks and
+    every level but the last upsamples by 2, so the image is 2**(len(multipliers) - 1)
+    times larger than the latent."""
+
+    def __init__(self, latent_channels=32, width=128, multipliers=(1, 1, 2, 2, 4), res_blocks=2):
+        super().__init__()
+        channels = width * multipliers[-1]
+        self.conv_in = nn.Conv2d(latent_channels, channels, 3, padding=1)
+        self.mid = nn.Sequential(ResnetBlock(channels, channels), AttentionBlock(channels),
+                                 ResnetBlock(channels, channels))
+        levels = []
+        for level, multiplier in reversed(list(enumerate(multipliers))):
+            out_channels = width * multiplier
+            layers = []
+            for _ in range(res_blocks + 1):
+                layers.append(ResnetBlock(channels, out_channels))
+                channels = out_channels
+                if level == len(multipliers) - 1:  # attention only at the latent resolution
+                    layers.append(AttentionBlock(channels))
+            if level != 0:
+                layers.append(Upsample(channels))
+            levels.append(nn.Sequential(*layers))
+        self.up = nn.Sequential(*levels)
+        self.norm_out = group_norm(channels)
+        self.conv_out = nn.Conv2d(channels, 3, 3, padding=1)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        # PyTorch's default conv init, as LDM; only the attention's linear layers are set
+        # here, since Attention leaves them at the PyTorch default as well.
+        for module in self.modules():
+            if isinstance(module, nn.GroupNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    @property
+    def last_layer(self):
+        """The weight the adaptive GAN weight takes its gradients against."""
+        return self.conv_out.weight
+
+    def forward(self, z):
+        x = self.conv_in(z)                                         # (N, W*m[-1], h, w)
+        x = self.mid(x)
+        x = self.up(x)                                              # (N, W*m[0], H, W)
+        return self.conv_out(F.silu(self.norm_out(x)))              # (N, 3, H, W)
+
+
+#################################################################################
+#                              The AlignTok tokenizer                           #
+#################################################################################
+
+class AlignTok(nn.Module):
+    """DINOv2 encoder + adapter + decoder.
+
+    encode: image [-1, 1] (N, 3, H, W) -> resize to encoder_size (bicubic, antialias)
+            -> ImageNet normalisation -> DINOv2 patch tokens -> adapter -> z (N, C, h, w)
+    decode: z -> image [-1, 1] (N, 3, H, W)
+
+    z is deterministic (no KL, no sampling). The per-channel latent statistics that the
+    DiT normalises with live in the buffers latent_mean / latent_std, saved with the model.
+    `config` holds every constructor argument, so a checkpoint rebuilds the model alone.
+    """
+
+    def __init__(self, encoder_name="dinov2_vitl14", encoder_overrides=None, latent_channels=32,
+                 adapter_hidden=None, decoder_width=128, decoder_multipliers=(1, 1, 2, 2, 4),
+                 decoder_res_blocks=2, image_size=256, encoder_size=224):
+        super().__init__()
+        encoder_overrides = dict(encoder_overrides or {})
+        self.config = dict(encoder_name=encoder_name, encoder_overrides=encoder_overrides,
+                           latent_channels=latent_channels, adapter_hidden=adapter_hidden,
+                           decoder_width=decoder_width, decoder_multipliers=tuple(decoder_multipliers),
+                           decoder_res_blocks=decoder_res_blocks, image_size=image_size,
+                           encoder_size=encoder_size)
+        self.encoder = load_dinov2(encoder_name, **encoder_overrides)
+        if encoder_size % self.encoder.patch_size:
+            raise ValueError(f"encoder_size {encoder_size} is not a multiple of the encoder's patch size "
+                             f"{self.encoder.patch_size}")
+        self.image_size, self.encoder_size = image_size, encoder_size
+        self.grid_size = (encoder_size // self.encoder.patch_size,) * 2
+        upsampling = 2 ** (len(decoder_multipliers) - 1)
+        if self.grid_size[0] * upsampling != image_size:
+            raise ValueError(f"the decoder maps a {self.grid_size[0]}x{self.grid_size[0]} latent to "
+                             f"{self.grid_size[0] * upsampling} px, not image_size {image_size}; change "
+                             f"the decoder multipliers or encoder_size")
+        self.adapter = Adapter(self.encoder.embed_dim, latent_channels, adapter_hidden)
+        self.decoder = Decoder(latent_channels, decoder_width, decoder_multipliers, decoder_res_blocks)
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("latent_mean", torch.zeros(latent_channels))
+        self.register_buffer("latent_std", torch.ones(latent_channels))
+
+    def encoder_tokens(self, images):
+        """DINOv2's final-LayerNorm patch tokens (N, h*w, D) of images in [-1, 1]."""
+        x = images
+        if x.shape[-1] != self.encoder_size or x.shape[-2] != self.encoder_size:
+            x = F.interpolate(x, size=(self.encoder_size, self.encoder_size), mode="bicubic",
+                              antialias=True, align_corners=False)
+        x = ((x + 1) / 2 - self.pixel_mean) / self.pixel_std        # ImageNet normalisation
+        return self.encoder.forward_features(x)["x_norm_patchtokens"]
+
+    def encode(self, images):
+        return self.adapter(self.encoder_tokens(images), self.grid_size)   # (N, C, h, w)
+
+    def decode(self, z):
+        return self.decoder(z)                                              # (N, 3, H, W)
+
+    def forward(self, images):
+        """Returns the reconstruction, the latent and the encoder tokens (the last for
+        semantic preservation placed before the adapter)."""
+        tokens = self.encoder_tokens(images)                                # (N, h*w, D)
+        z = self.adapter(tokens, self.grid_size)                            # (N, C, h, w)
+        return self.decoder(z), z, tokens
+
+    def normalize(self, z):
+        return (z - self.latent_mean.view(1, -1, 1, 1)) / self.latent_std.view(1, -1, 1, 1)
+
+    def denormalize(self, z):
+        return z * self.latent_std.view(1, -1, 1, 1) + self.latent_mean.view(1, -1, 1, 1)
+
+
+def load_tokenizer(path, map_location="cpu", use_ema=True):
+    """Rebuilds an AlignTok from a train_tokenizer.py checkpoint alone (eval mode, the
+    EMA weights unless use_ema=False)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"tokenizer checkpoint not found: {path} (train one with "
+                                f"train_tokenizer.py --stage 1/2/3 and pass its .pt file)")
+    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    if "tokenizer_config" not in checkpoint:
+        raise ValueError(f"{path} is not a tokenizer checkpoint (stage 0 checkpoints hold only the "
+                         f"stand-in encoder; pass the checkpoint of stage 1, 2 or 3)")
+    model = AlignTok(**checkpoint["tokenizer_config"])
+    load_state_dict_strict(model, checkpoint["ema" if use_ema else "model"], path)
+    return model.eval()
+
+
+#################################################################################
+#              Stand-in encoder (stage 0, when no DINOv2 weights exist)         #
+#################################################################################
+
+class EncoderClassifier(nn.Module):
+    """A DINOv2-architecture encoder with a linear classifier on [CLS, mean patch token].
+    train_tokenizer.py --stage 0 trains it on the data set's labels so that a small
+    encoder carries semantics on CPU runs; it stands in for the pretrained DINOv2, and
+    its classifier later judges whether generated samples show their class."""
+
+    def __init__(self, encoder_name, encoder_config, num_classes, encoder_size):
+        super().__init__()
+        self.encoder_name, self.encoder_size = encoder_name, encoder_size
+        self.encoder = DINOv2(**encoder_config)
+        self.head = nn.Linear(2 * self.encoder.embed_dim, num_classes)
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def features(self, images):
+        """[CLS, mean patch token] (N, 2D) of images in [-1, 1]."""
+        x = images
+        if x.shape[-1] != self.encoder_size or x.shape[-2] != self.encoder_size:
+            x = F.interpolate(x, size=(self.encoder_size, self.encoder_size), mode="bicubic",
+                              antialias=True, align_corners=False)
+        out = self.encoder.forward_features(((x + 1) / 2 - self.pixel_mean) / self.pixel_std)
+        return torch.cat((out["x_norm_clstoken"], out["x_norm_patchtokens"].mean(1)), dim=1)
+
+    def forward(self, images):
+        return self.head(self.features(images))                     # (N, classes)
+
+
+def load_stand_in(path, map_location="cpu"):
+    """The stage-0 EncoderClassifier from its checkpoint (eval mode)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"stage-0 checkpoint not found: {path} (run train_tokenizer.py --stage 0)")
+    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    if checkpoint.get("stage") != 0:
+        raise ValueError(f"{path} is not a stage-0 checkpoint (it has no stand-in encoder classifier)")
+    model = EncoderClassifier(checkpoint["encoder_name"], checkpoint["encoder_config"],
+                              checkpoint["num_classes"], checkpoint["encoder_size"])
+    load_state_dict_strict(model, checkpoint["ema"], path)
+    return model.eval()
