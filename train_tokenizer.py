@@ -1,0 +1,394 @@
+"""
+Trains the AlignTok tokenizer in the paper's three stages (arXiv 2509.25162):
+
+    stage 1: adapter + decoder learn to reconstruct; DINOv2 frozen          (L_rec)
+    stage 2: everything trains, held near stage 1 by semantic preservation (L_rec + w_sp * L_sp)
+    stage 3: decoder only, the latent space frozen                           (L_rec)
+
+and, for CPU runs without DINOv2 weights, a stage 0 that pretrains a small
+DINOv2-architecture encoder on the data set's labels to stand in for DINOv2.
+
+Launch (one GPU: python train_tokenizer.py ...; several: torchrun):
+
+    torchrun --nproc_per_node=8 train_tokenizer.py --stage 1 --data /data/imagenet/train \
+        --encoder dinov2_vitl14 --encoder-weights dinov2_vitl14_pretrain.pth --out runs/stage1
+    torchrun --nproc_per_node=8 train_tokenizer.py --stage 2 --data /data/imagenet/train \
+        --init runs/stage1/checkpoint.pt --out runs/stage2
+    torchrun --nproc_per_node=8 train_tokenizer.py --stage 3 --data /data/imagenet/train \
+        --init runs/stage2/checkpoint.pt --out runs/stage3
+
+Each run folder gets checkpoint.pt (written atomically; --resume continues it exactly),
+metrics.jsonl and recon.png (originals over reconstructions).
+"""
+import argparse
+import copy
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from data import StepBatchSampler, build_dataset
+from losses import (PatchDiscriminator, adaptive_weight, generator_loss, hinge_d_loss, load_lpips,
+                    semantic_preservation_loss)
+from tokenizer import AlignTok, EncoderClassifier, load_dinov2, load_state_dict_strict, read_dinov2_weights
+from training import (all_reduce_mean, autocast, cleanup_distributed, ema_decay, load_checkpoint, log_metrics,
+                      rng_state, save_checkpoint, save_grid, set_rng_state, setup_distributed, unwrap,
+                      update_ema)
+
+
+#################################################################################
+#                                Helpers                                        #
+#################################################################################
+
+def psnr(x, y):
+    """PSNR in dB of images in [-1, 1] (peak-to-peak 2), averaged over the batch."""
+    mse = ((x.float() - y.float()) ** 2).flatten(1).mean(1)
+    return (10 * torch.log10(4.0 / mse.clamp_min(1e-10))).mean().item()
+
+
+def encoder_overrides(args):
+    """Architecture overrides of the encoder given on the command line."""
+    names = {"depth": args.encoder_depth, "embed_dim": args.encoder_dim, "num_heads": args.encoder_heads,
+             "patch_size": args.encoder_patch, "img_size": args.encoder_native_size}
+    return {k: v for k, v in names.items() if v is not None}
+
+
+def read_init(args):
+    """The previous stage's checkpoint, checked to be the stage before this one."""
+    if args.init is None:
+        raise SystemExit(f"error: stage {args.stage} needs --init pointing at the stage-{args.stage - 1} "
+                         f"checkpoint (runs/.../checkpoint.pt of the previous stage)")
+    checkpoint = load_checkpoint(args.init, f"--init checkpoint")
+    if checkpoint.get("stage") != args.stage - 1:
+        raise SystemExit(f"error: stage {args.stage} must start from a stage-{args.stage - 1} checkpoint, but "
+                         f"{args.init} is from stage {checkpoint.get('stage')}; run the stages in order 1, 2, 3")
+    return checkpoint
+
+
+def build_tokenizer(args):
+    """Stage 1: a new AlignTok around the pretrained encoder (official DINOv2 weights or a
+    stage-0 stand-in). Stages 2 and 3: the previous stage's tokenizer (its EMA weights)."""
+    if args.stage > 1:
+        checkpoint = read_init(args)
+        tokenizer = AlignTok(**checkpoint["tokenizer_config"])
+        load_state_dict_strict(tokenizer, checkpoint["ema"], args.init)
+        return tokenizer
+    if args.encoder_weights is None:
+        raise SystemExit("error: stage 1 needs --encoder-weights: an official dinov2_*_pretrain.pth, a Hugging "
+                         "Face model.safetensors, a stage-0 checkpoint, or 'random' for an untrained encoder")
+    overrides, state = encoder_overrides(args), None
+    if args.encoder_weights != "random":
+        if not os.path.isfile(args.encoder_weights):
+            raise SystemExit(f"error: --encoder-weights file not found: {args.encoder_weights}")
+        checkpoint = torch.load(args.encoder_weights, map_location="cpu", weights_only=True)
+        if checkpoint.get("stage") == 0:  # our stand-in carries its own architecture
+            overrides = checkpoint["encoder_config"]
+            state = {k.removeprefix("encoder."): v for k, v in checkpoint["ema"].items()
+                     if k.startswith("encoder.")}
+        else:
+            state = read_dinov2_weights(args.encoder_weights)
+    tokenizer = AlignTok(args.encoder, overrides, args.latent_channels, args.adapter_hidden, args.decoder_width,
+                         args.decoder_multipliers, args.decoder_res_blocks, args.image_size, args.encoder_size)
+    if state is not None:
+        load_state_dict_strict(tokenizer.encoder, state, args.encoder_weights)
+    return tokenizer
+
+
+def set_trainable(tokenizer, stage):
+    """Which parts learn in each stage (the paper's table)."""
+    tokenizer.requires_grad_(False)
+    if stage == 1:
+        tokenizer.adapter.requires_grad_(True)
+        tokenizer.decoder.requires_grad_(True)
+    elif stage == 2:
+        tokenizer.encoder.requires_grad_(True)
+        tokenizer.adapter.requires_grad_(True)
+        tokenizer.decoder.requires_grad_(True)
+    else:
+        tokenizer.decoder.requires_grad_(True)
+
+
+def frozen_reference(tokenizer):
+    """Stage 2's frozen copy of the stage-1 encoder + adapter (no decoder)."""
+    reference = copy.deepcopy(tokenizer)
+    del reference.decoder
+    return reference.requires_grad_(False).eval()
+
+
+@torch.no_grad()
+def compute_latent_statistics(tokenizer, dataset, max_images, batch_size, rank, world_size, device):
+    """Per-channel mean and unbiased std of z over up to max_images unflipped training
+    images, sharded across ranks and summed."""
+    count = min(max_images, len(dataset))
+    channels = tokenizer.latent_mean.numel()
+    sums = torch.zeros(3, channels, dtype=torch.float64, device=device)  # n, sum, sum of squares
+    indices = list(range(rank, count, world_size))
+    for start in range(0, len(indices), batch_size):
+        images = torch.stack([dataset[i][0] for i in indices[start:start + batch_size]]).to(device)
+        with autocast(device):
+            z = tokenizer.encode(images).double()                   # (N, C, h, w)
+        z = z.transpose(0, 1).flatten(1)                           # (C, N*h*w)
+        sums += torch.stack((torch.full_like(z[:, 0], z.shape[1]), z.sum(1), (z ** 2).sum(1)))
+    if world_size > 1:
+        torch.distributed.all_reduce(sums)
+    n, total, squares = sums
+    mean = total / n
+    std = ((squares - n * mean ** 2) / (n - 1)).clamp_min(1e-12).sqrt()
+    tokenizer.latent_mean.copy_(mean.float())
+    tokenizer.latent_std.copy_(std.float())
+
+
+#################################################################################
+#                               Training loop                                   #
+#################################################################################
+
+def main(args):
+    # ---- setup -----------------------------------------------------------------
+    rank, world_size, device = setup_distributed()
+    if args.stage not in (0, 1, 2, 3):
+        raise SystemExit(f"error: --stage must be 0, 1, 2 or 3, not {args.stage}")
+    checkpoint_path = os.path.join(args.out, "checkpoint.pt")
+    resume = None
+    if os.path.exists(checkpoint_path):
+        if not args.resume:
+            raise SystemExit(f"error: {checkpoint_path} exists; pass --resume to continue that run or choose "
+                             f"another --out (nothing was overwritten)")
+        resume = load_checkpoint(checkpoint_path)
+        if resume["stage"] != args.stage:
+            raise SystemExit(f"error: {checkpoint_path} is a stage-{resume['stage']} run, not stage {args.stage}")
+    torch.manual_seed(args.seed + rank)
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+
+    # ---- data --------------------------------------------------------------------
+    dataset = build_dataset(args.data, args.image_size, "train", args.num_images, args.seed)
+    preview = torch.stack([build_dataset(args.data, args.image_size, "val", 8, args.seed)[i][0]
+                           for i in range(8)]).to(device) if args.data == "synthetic" else \
+        torch.stack([dataset[i * (len(dataset) // 8)][0] for i in range(8)]).to(device)
+
+    # ---- model -------------------------------------------------------------------
+    if args.stage == 0:
+        model = EncoderClassifier(args.encoder, load_dinov2(args.encoder, **encoder_overrides(args)).config,
+                                  len(dataset.classes), args.encoder_size)
+        groups = [{"params": list(model.parameters()), "lr": args.lr}]
+        reference = None
+    else:
+        model = build_tokenizer(args)
+        reference = frozen_reference(model).to(device) if args.stage == 2 else None
+        set_trainable(model, args.stage)
+        encoder_params = [p for p in model.encoder.parameters() if p.requires_grad]
+        other_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("encoder.")]
+        groups = [{"params": other_params, "lr": args.lr}]
+        if encoder_params:
+            groups.append({"params": encoder_params, "lr": args.encoder_lr})
+    model.to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    optimizer = torch.optim.AdamW(groups, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
+    use_gan = args.stage > 0 and args.disc_weight > 0 and args.disc_start < args.steps
+    discriminator = PatchDiscriminator(norm=args.disc_norm).to(device) if use_gan else None
+    disc_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=args.disc_lr, betas=(0.5, 0.9),
+                                       weight_decay=0.0) if use_gan else None
+    perceptual = None
+    if args.stage > 0 and args.perceptual_weight > 0:
+        if args.vgg_weights and args.lpips_weights:
+            perceptual = load_lpips(args.vgg_weights, args.lpips_weights).to(device)
+        elif rank == 0:
+            print("note: no --vgg-weights/--lpips-weights given, so the LPIPS perceptual term is off "
+                  "(pass torchvision's vgg16-397923af.pth and lpips' weights/v0.1/vgg.pth to turn it on)")
+
+    step = 0
+    if resume is not None:
+        unwrap(model).load_state_dict(resume["model"])
+        ema.load_state_dict(resume["ema"])
+        optimizer.load_state_dict(resume["optimizer"])
+        if use_gan:
+            discriminator.load_state_dict(resume["discriminator"])
+            disc_optimizer.load_state_dict(resume["disc_optimizer"])
+        set_rng_state(resume["rng"][rank] if rank < len(resume["rng"]) else resume["rng"][0])
+        step = resume["step"]
+    train_model = torch.compile(model) if args.compile else model
+    if world_size > 1:
+        train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+        if use_gan:
+            discriminator = DDP(discriminator, device_ids=[device.index] if device.type == "cuda" else None)
+
+    sampler = StepBatchSampler(len(dataset), args.batch_size, rank, world_size, args.seed, start_step=step)
+    loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
+                                              pin_memory=device.type == "cuda",
+                                              persistent_workers=args.workers > 0))
+
+    # ---- checkpoint --------------------------------------------------------------
+    def write_checkpoint():
+        gathered = [None] * world_size
+        if world_size > 1:
+            torch.distributed.all_gather_object(gathered, rng_state())
+        else:
+            gathered = [rng_state()]
+        if rank != 0:
+            return
+        state = {"stage": args.stage, "step": step, "args": vars(args), "model": unwrap(model).state_dict(),
+                 "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "rng": gathered}
+        if args.stage == 0:
+            state.update(encoder_name=args.encoder, encoder_config=model.encoder.config,
+                         num_classes=len(dataset.classes), encoder_size=args.encoder_size)
+        else:
+            state["tokenizer_config"] = unwrap(model).config
+        if use_gan:
+            state.update(discriminator=unwrap(discriminator).state_dict(), disc_optimizer=disc_optimizer.state_dict())
+        save_checkpoint(state, checkpoint_path)
+
+    # ---- loop --------------------------------------------------------------------
+    progress = tqdm(total=args.steps, initial=step, desc=f"stage {args.stage}", disable=rank != 0,
+                    dynamic_ncols=True)
+    log_start, last_logged = time.time(), {}
+    while step < args.steps:
+        images, labels = next(loader)
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        flip = torch.rand(images.shape[0], device=device) < 0.5       # random horizontal flip
+        images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+        logs = {}
+        with autocast(device):
+            if args.stage == 0:
+                logits = train_model(images)
+                loss = F.cross_entropy(logits, labels)
+                logs.update(accuracy=(logits.argmax(1) == labels).float().mean().item())
+            else:
+                reconstruction, z, tokens = train_model(images)
+                loss = logs["l1"] = (reconstruction.float() - images).abs().mean()
+                if perceptual is not None:
+                    logs["perceptual"] = perceptual(reconstruction.float(), images).mean()
+                    loss = loss + args.perceptual_weight * logs["perceptual"]
+                if reference is not None:
+                    with torch.no_grad():
+                        reference_tokens = reference.encoder_tokens(images)
+                        reference_z = reference.adapter(reference_tokens, reference.grid_size)
+                    if args.sp_placement == "latent":
+                        logs["sp"] = semantic_preservation_loss(z, reference_z, args.sp_loss)
+                    else:  # the paper's ablation: preserve the encoder features before the adapter
+                        as_map = lambda t: t.transpose(1, 2).unsqueeze(-1)   # (N, D, h*w, 1)
+                        logs["sp"] = semantic_preservation_loss(as_map(tokens), as_map(reference_tokens), args.sp_loss)
+                    loss = loss + args.sp_weight * logs["sp"]
+                if use_gan and step >= args.disc_start:
+                    unwrap(discriminator).requires_grad_(False)
+                    logs["gan"] = generator_loss(unwrap(discriminator)(reconstruction))
+                    logs["lambda"] = adaptive_weight(loss, logs["gan"], unwrap(model).decoder.last_layer)
+                    loss = loss + args.disc_weight * logs["lambda"] * logs["gan"]
+                    unwrap(discriminator).requires_grad_(True)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(
+            [p for g in groups for p in g["params"]], args.grad_clip).item()
+        optimizer.step()
+        update_ema(ema, unwrap(model), ema_decay(step, args.ema_decay, args.ema_warmup))
+        if use_gan and step >= args.disc_start:
+            with autocast(device):
+                d_loss = hinge_d_loss(discriminator(images), discriminator(reconstruction.detach()))
+            disc_optimizer.zero_grad(set_to_none=True)
+            d_loss.backward()
+            disc_optimizer.step()
+            logs["d_loss"] = d_loss
+        if args.stage > 0:
+            logs["psnr"] = psnr(reconstruction.detach().clamp(-1, 1), images)
+        logs["loss"] = loss
+        step += 1
+        progress.update(1)
+
+        if step % args.log_every == 0 or step == args.steps:
+            record = {k: all_reduce_mean(v.item() if torch.is_tensor(v) else v, world_size) for k, v in logs.items()}
+            record.update(stage=args.stage, step=step, sec_per_step=(time.time() - log_start) / args.log_every)
+            log_start, last_logged = time.time(), record
+            if rank == 0:
+                log_metrics(metrics_path, record)
+                progress.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in ("loss", "psnr", "accuracy")})
+        if args.stage > 0 and rank == 0 and (step % args.sample_every == 0 or step == args.steps):
+            with torch.no_grad(), autocast(device):
+                save_grid(torch.cat((preview, ema.decode(ema.encode(preview)).float())),
+                          os.path.join(args.out, "recon.png"), nrow=8)
+        if step % args.ckpt_every == 0 and step < args.steps:
+            write_checkpoint()
+    progress.close()
+
+    # ---- latent statistics (after stages 2 and 3) and the final checkpoint ---------
+    if args.stage in (2, 3):
+        compute_latent_statistics(ema, dataset, args.stats_images, args.batch_size, rank, world_size, device)
+    write_checkpoint()
+    if rank == 0:
+        summary = ", ".join(f"{k} {v:.4g}" for k, v in last_logged.items() if k in ("loss", "psnr", "accuracy", "sp"))
+        print(f"stage {args.stage} done: {step} steps, {summary}; checkpoint {checkpoint_path}")
+    cleanup_distributed()
+
+
+#################################################################################
+#                                 Arguments                                     #
+#################################################################################
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    stage = parser.add_argument_group("stage and run")
+    stage.add_argument("--stage", type=int, required=True, help="0 (stand-in encoder), 1, 2 or 3")
+    stage.add_argument("--out", required=True, help="run folder for checkpoint.pt, metrics.jsonl and recon.png")
+    stage.add_argument("--init", help="stages 2 and 3: the previous stage's checkpoint.pt")
+    stage.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    stage.add_argument("--steps", type=int, default=1000, help="total optimisation steps of this stage")
+    stage.add_argument("--seed", type=int, default=0)
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", default="synthetic", help="'synthetic' (embedded) or an ImageFolder path")
+    data.add_argument("--image-size", type=int, default=32, help="image size (ImageNet: 256)")
+    data.add_argument("--num-images", type=int, default=10000, help="size of the synthetic training set")
+    data.add_argument("--batch-size", type=int, default=32, help="per process (GPU)")
+    data.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    model = parser.add_argument_group("model (stages 0 and 1; later stages take it from --init)")
+    model.add_argument("--encoder", default="dinov2_vits14", help="DINOv2 architecture name (ImageNet: dinov2_vitl14)")
+    model.add_argument("--encoder-weights", help="official DINOv2 .pth, HF model.safetensors, a stage-0 "
+                                                 "checkpoint, or 'random'")
+    model.add_argument("--encoder-depth", type=int, help="override: number of blocks")
+    model.add_argument("--encoder-dim", type=int, help="override: width")
+    model.add_argument("--encoder-heads", type=int, help="override: attention heads")
+    model.add_argument("--encoder-patch", type=int, help="override: patch size")
+    model.add_argument("--encoder-native-size", type=int, help="override: size of the position-embedding grid in px")
+    model.add_argument("--encoder-size", type=int, default=32, help="encoder input size in px (ImageNet: 224)")
+    model.add_argument("--latent-channels", type=int, default=32, help="latent width C (paper: 32; 64 also studied)")
+    model.add_argument("--adapter-hidden", type=int, help="adapter hidden width (our choice: the encoder width)")
+    model.add_argument("--decoder-width", type=int, default=128)
+    model.add_argument("--decoder-multipliers", type=int, nargs="+", default=[1, 1, 2, 2, 4])
+    model.add_argument("--decoder-res-blocks", type=int, default=2)
+    optim = parser.add_argument_group("optimisation (our choices; the paper publishes none)")
+    optim.add_argument("--lr", type=float, default=1e-4, help="adapter / decoder (stage 0: the whole encoder)")
+    optim.add_argument("--encoder-lr", type=float, default=1e-5, help="DINOv2 in stage 2")
+    optim.add_argument("--beta1", type=float, default=0.9)
+    optim.add_argument("--beta2", type=float, default=0.95)
+    optim.add_argument("--weight-decay", type=float, default=0.0)
+    optim.add_argument("--grad-clip", type=float, default=1.0)
+    optim.add_argument("--ema-decay", type=float, default=0.999)
+    optim.add_argument("--ema-warmup", type=int, default=10, help="decay is min(ema_decay, (1+step)/(warmup+step))")
+    optim.add_argument("--compile", action="store_true", help="torch.compile the model")
+    loss = parser.add_argument_group("losses")
+    loss.add_argument("--perceptual-weight", type=float, default=1.0, help="LPIPS weight (needs the two files below)")
+    loss.add_argument("--vgg-weights", help="torchvision's vgg16-397923af.pth for LPIPS")
+    loss.add_argument("--lpips-weights", help="lpips' weights/v0.1/vgg.pth (the five linear heads)")
+    loss.add_argument("--disc-weight", type=float, default=0.5, help="generator GAN weight times lambda_adapt; 0 = off")
+    loss.add_argument("--disc-start", type=int, default=20000, help="step at which the GAN starts (our choice)")
+    loss.add_argument("--disc-lr", type=float, default=1e-4)
+    loss.add_argument("--disc-norm", default="batch", choices=["batch", "group", "none"])
+    loss.add_argument("--sp-weight", type=float, default=1.0, help="w_sp (paper: 1 on ImageNet, 3 on LAION)")
+    loss.add_argument("--sp-loss", default="l2", choices=["l2", "cosine"], help="semantic preservation distance")
+    loss.add_argument("--sp-placement", default="latent", choices=["latent", "features"],
+                      help="on the adapter's latent (paper) or on the encoder features before it (ablation)")
+    logging = parser.add_argument_group("logging and checkpoints")
+    logging.add_argument("--log-every", type=int, default=50)
+    logging.add_argument("--sample-every", type=int, default=500)
+    logging.add_argument("--ckpt-every", type=int, default=1000)
+    logging.add_argument("--stats-images", type=int, default=10000, help="images for the latent statistics")
+    args = parser.parse_args(argv)
+    if args.stage > 1 and args.encoder_weights:
+        parser.error(f"--encoder-weights is for stage 1 (and 0); stage {args.stage} takes the encoder from --init")
+    return args
+
+
+if __name__ == "__main__":
+    main(parse_args())
