@@ -62,6 +62,34 @@ def bench_dinov2(args):
 
 
 #################################################################################
+#                                 FID Inception                                 #
+#################################################################################
+
+def bench_inception(args):
+    """Pool3 feature extraction of our Inception against pytorch-fid's InceptionV3([3])
+    (built without downloading: its loader is handed our random weights)."""
+    import pytorch_fid.inception as pytorch_fid_inception
+    from evaluate import load_inception
+
+    torch.manual_seed(0)
+    ours = load_inception()
+    state = ours.state_dict()
+    original = pytorch_fid_inception.load_state_dict_from_url
+    pytorch_fid_inception.load_state_dict_from_url = lambda *a, **k: {n: v.clone() for n, v in state.items()}
+    try:
+        reference = pytorch_fid_inception.InceptionV3([3]).eval()
+    finally:
+        pytorch_fid_inception.load_state_dict_from_url = original
+    x = torch.rand(args.batch_size, 3, 256, 256)        # ImageNet samples: both resize to 299
+    with torch.no_grad():
+        expected = reference(x)[0].flatten(1)
+        error = ((ours(x) - expected).abs().max() / expected.abs().max()).item()
+    ours_s, reference_s = time_ratio(lambda: ours(x), lambda: reference(x)[0], args.repeats)
+    report(f"FID Inception pool3, batch {args.batch_size} at 256 px (max rel. difference {error:.1e})",
+           ours_s, reference_s)
+
+
+#################################################################################
 #                                     Main                                      #
 #################################################################################
 
@@ -73,3 +101,5 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.what in ("dinov2", "all"):
         bench_dinov2(args)
+    if args.what in ("inception", "all"):
+        bench_inception(args)

@@ -1,0 +1,880 @@
+"""
+Evaluation: FID, sFID, Inception Score, precision/recall (the numbers of ADM's evaluator and
+pytorch-fid, from an in-house FID Inception), PSNR, SSIM, linear probe on latents and
+FD_DINOv2, plus the commands that make sample batches and reference statistics.
+
+    python evaluate.py stats --data /data/imagenet/val --out ref.npz --inception-weights pt_inception.pth
+    python evaluate.py metrics --samples samples.npz --ref VIRTUAL_imagenet256_labeled.npz \\
+        --inception-weights pt_inception-2015-12-05-6726825d.pth --out metrics.json
+    torchrun --nproc_per_node 8 evaluate.py sample --ckpt dit.pt --num-samples 50000 --out samples.npz
+    python evaluate.py recon --tokenizer tok.pt --data /data/imagenet/val
+
+File layouts (numpy .npz):
+    statistics  mu, sigma (pytorch-fid) and mu_s, sigma_s (ADM's sFID keys), plus `pool`:
+                the (N, 2048) float32 pool3 features, which precision/recall need (ADM's own
+                reference batches hold the images as arr_0 instead; both are accepted).
+    samples     arr_0: uint8 (N, H, W, 3) images, arr_1: int64 (N,) labels (ADM's layout).
+"""
+import argparse
+import json
+import math
+import os
+import zipfile
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from scipy import linalg
+
+import dit
+from data import build_dataset
+from tokenizer import IMAGENET_MEAN, IMAGENET_STD, load_state_dict_strict, load_tokenizer
+
+INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{INCEPTION_FILE}"
+INCEPTION_HELP = (f"pass --inception-weights PATH to pytorch-fid's {INCEPTION_FILE} (get it from "
+                  f"{INCEPTION_URL}, or add --download to fetch it once into the torch hub cache)")
+
+
+#################################################################################
+#                   The FID Inception (TensorFlow's 2015 graph)                 #
+#################################################################################
+# The network of TF's inception-2015-12-05 graph that FID, sFID and IS are defined on.
+# It is torchvision's InceptionV3 layout with the differences pytorch-fid found: the
+# average pools inside the A, C and first E blocks exclude the zero padding from the
+# mean (count_include_pad=False), the last E block max-pools, and the classifier has
+# 1008 outputs. Parameter names follow torchvision, so pytorch-fid's weights load as is.
+
+class BasicConv2d(nn.Module):
+    def __init__(self, in_channels, out_channels, **kwargs):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, bias=False, **kwargs)
+        self.bn = nn.BatchNorm2d(out_channels, eps=0.001)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)), inplace=True)
+
+
+def avg_pool_3x3(x):
+    # TF's SAME average pool divides by the number of real (unpadded) pixels.
+    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+
+class InceptionA(nn.Module):
+    """35x35 block: 1x1, 5x5, double 3x3 and pool branches."""
+
+    def __init__(self, in_channels, pool_features):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(in_channels, 64, kernel_size=1)
+        self.branch5x5_1 = BasicConv2d(in_channels, 48, kernel_size=1)
+        self.branch5x5_2 = BasicConv2d(48, 64, kernel_size=5, padding=2)
+        self.branch3x3dbl_1 = BasicConv2d(in_channels, 64, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, padding=1)
+        self.branch_pool = BasicConv2d(in_channels, pool_features, kernel_size=1)
+
+    def forward(self, x):
+        branch1x1 = self.branch1x1(x)
+        branch5x5 = self.branch5x5_2(self.branch5x5_1(x))
+        branch3x3dbl = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        branch_pool = self.branch_pool(avg_pool_3x3(x))
+        return torch.cat([branch1x1, branch5x5, branch3x3dbl, branch_pool], 1)
+
+
+class InceptionB(nn.Module):
+    """35x35 -> 17x17 reduction."""
+
+    def __init__(self, in_channels):
+        super().__init__()
+        self.branch3x3 = BasicConv2d(in_channels, 384, kernel_size=3, stride=2)
+        self.branch3x3dbl_1 = BasicConv2d(in_channels, 64, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, stride=2)
+
+    def forward(self, x):
+        branch3x3 = self.branch3x3(x)
+        branch3x3dbl = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        branch_pool = F.max_pool2d(x, kernel_size=3, stride=2)
+        return torch.cat([branch3x3, branch3x3dbl, branch_pool], 1)
+
+
+class InceptionC(nn.Module):
+    """17x17 block with factorised 7x7 convolutions. Its output starts with the 192
+    channels of branch1x1."""
+
+    def __init__(self, in_channels, channels_7x7):
+        super().__init__()
+        c7 = channels_7x7
+        self.branch1x1 = BasicConv2d(in_channels, 192, kernel_size=1)
+        self.branch7x7_1 = BasicConv2d(in_channels, c7, kernel_size=1)
+        self.branch7x7_2 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7_3 = BasicConv2d(c7, 192, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = BasicConv2d(in_channels, c7, kernel_size=1)
+        self.branch7x7dbl_2 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = BasicConv2d(c7, 192, kernel_size=(1, 7), padding=(0, 3))
+        self.branch_pool = BasicConv2d(in_channels, 192, kernel_size=1)
+
+    def forward(self, x):
+        branch1x1 = self.branch1x1(x)
+        branch7x7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        branch7x7dbl = self.branch7x7dbl_1(x)
+        for conv in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
+            branch7x7dbl = conv(branch7x7dbl)
+        branch_pool = self.branch_pool(avg_pool_3x3(x))
+        return torch.cat([branch1x1, branch7x7, branch7x7dbl, branch_pool], 1)
+
+
+class InceptionD(nn.Module):
+    """17x17 -> 8x8 reduction."""
+
+    def __init__(self, in_channels):
+        super().__init__()
+        self.branch3x3_1 = BasicConv2d(in_channels, 192, kernel_size=1)
+        self.branch3x3_2 = BasicConv2d(192, 320, kernel_size=3, stride=2)
+        self.branch7x7x3_1 = BasicConv2d(in_channels, 192, kernel_size=1)
+        self.branch7x7x3_2 = BasicConv2d(192, 192, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = BasicConv2d(192, 192, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = BasicConv2d(192, 192, kernel_size=3, stride=2)
+
+    def forward(self, x):
+        branch3x3 = self.branch3x3_2(self.branch3x3_1(x))
+        branch7x7x3 = self.branch7x7x3_1(x)
+        for conv in (self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4):
+            branch7x7x3 = conv(branch7x7x3)
+        branch_pool = F.max_pool2d(x, kernel_size=3, stride=2)
+        return torch.cat([branch3x3, branch7x7x3, branch_pool], 1)
+
+
+class InceptionE(nn.Module):
+    """8x8 block with split 1x3 / 3x1 outputs. pool: "avg" in Mixed_7b, "max" in Mixed_7c
+    (a quirk of the TF graph that every FID number carries)."""
+
+    def __init__(self, in_channels, pool):
+        super().__init__()
+        self.pool = pool
+        self.branch1x1 = BasicConv2d(in_channels, 320, kernel_size=1)
+        self.branch3x3_1 = BasicConv2d(in_channels, 384, kernel_size=1)
+        self.branch3x3_2a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
+        self.branch3x3_2b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = BasicConv2d(in_channels, 448, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(448, 384, kernel_size=3, padding=1)
+        self.branch3x3dbl_3a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
+        self.branch_pool = BasicConv2d(in_channels, 192, kernel_size=1)
+
+    def forward(self, x):
+        branch1x1 = self.branch1x1(x)
+        branch3x3 = self.branch3x3_1(x)
+        branch3x3 = torch.cat([self.branch3x3_2a(branch3x3), self.branch3x3_2b(branch3x3)], 1)
+        branch3x3dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        branch3x3dbl = torch.cat([self.branch3x3dbl_3a(branch3x3dbl), self.branch3x3dbl_3b(branch3x3dbl)], 1)
+        if self.pool == "max":
+            pooled = F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
+        else:
+            pooled = avg_pool_3x3(x)
+        branch_pool = self.branch_pool(pooled)
+        return torch.cat([branch1x1, branch3x3, branch3x3dbl, branch_pool], 1)
+
+
+class FIDInceptionV3(nn.Module):
+    """forward(x): RGB in [0, 1] (N, 3, H, W), any size -> pool3 features (N, 2048).
+    features(x): pool3, logits and the sFID spatial features from one pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
+        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
+        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
+        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, kernel_size=1)
+        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, kernel_size=3)
+        self.Mixed_5b = InceptionA(192, pool_features=32)
+        self.Mixed_5c = InceptionA(256, pool_features=64)
+        self.Mixed_5d = InceptionA(288, pool_features=64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b = InceptionC(768, channels_7x7=128)
+        self.Mixed_6c = InceptionC(768, channels_7x7=160)
+        self.Mixed_6d = InceptionC(768, channels_7x7=160)
+        self.Mixed_6e = InceptionC(768, channels_7x7=192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b = InceptionE(1280, pool="avg")
+        self.Mixed_7c = InceptionE(2048, pool="max")
+        self.fc = nn.Linear(2048, 1008)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        # Only for runs without the real weights (tests, benchmarks): He init keeps the
+        # activation scale roughly constant through the ReLU stack.
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+        nn.init.normal_(self.fc.weight, std=0.01)
+        nn.init.zeros_(self.fc.bias)
+
+    def preprocess(self, x):
+        """[0, 1] at any size -> 299x299 in [-1, 1], as pytorch-fid: bilinear resize with
+        align_corners=False, then 2x - 1. (ADM feeds [0, 255] to the TF graph, which resizes
+        with TF1's legacy bilinear kernel and maps (x - 128) / 128: identical at 299 px
+        except that scale, within a fraction of a grey level.)"""
+        if x.shape[-2:] != (299, 299):  # a same-size bilinear resize is the identity
+            x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        x = 2 * x - 1
+        if x.device.type == "cpu":
+            # oneDNN runs these convolutions about 1.4x faster on channels-last input
+            # (bench.py); GPUs keep the default layout, where it was not measured.
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def features(self, x):
+        """Returns a dict:
+        pool            (N, 2048)  pool3, for FID and precision/recall
+        logits          (N, 1008)  the classifier output, fc(pool)
+        logits_unbiased (N, 1008)  pool @ fc.weight.T: what the Inception Score is defined
+                                   on (OpenAI's improved-gan code and ADM's evaluator take
+                                   the softmax/logits MatMul of the TF graph, not its bias)
+        spatial         (N, 2023)  ADM's sFID features, see below
+        """
+        x = self.preprocess(x)                                            # (N, 3, 299, 299)
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))  # (N, 64, 147, 147)
+        x = F.max_pool2d(x, kernel_size=3, stride=2)                     # (N, 64, 73, 73)
+        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))                    # (N, 192, 71, 71)
+        x = F.max_pool2d(x, kernel_size=3, stride=2)                     # (N, 192, 35, 35)
+        x = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x)))               # (N, 288, 35, 35)
+        x = self.Mixed_6c(self.Mixed_6b(self.Mixed_6a(x)))               # (N, 768, 17, 17)
+        x = self.Mixed_6d(x)                                             # (N, 768, 17, 17)
+        # sFID: ADM's evaluator reads the TF tensor "mixed_6/conv:0" and keeps channels
+        # [..., :7]. The TF graph names its mixed blocks mixed, mixed_1, mixed_2 (torch
+        # Mixed_5b/c/d), mixed_3 (Mixed_6a), mixed_4..mixed_7 (Mixed_6b..6e), mixed_8..10
+        # (Mixed_7a/b/c); so mixed_6 is Mixed_6d. Inside a block, "conv" (no tower
+        # prefix) is the 1x1 branch (the weight ports map mixed_6/conv/conv2d_params and
+        # mixed_6/conv/batchnorm to Mixed_6d.branch1x1.conv/.bn), and the op named after
+        # the scope itself is its output after batch norm and ReLU. That is
+        # Mixed_6d.branch1x1(x), which the block's concat puts first: channels 0..191 of
+        # Mixed_6d's output. ADM flattens NHWC, (N, 17, 17, 7) -> 2023, so go to
+        # channels-last before flattening.
+        spatial = x[:, :7].permute(0, 2, 3, 1).reshape(x.shape[0], -1)  # (N, 17*17*7)
+        x = self.Mixed_6e(x)                                             # (N, 768, 17, 17)
+        x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x)))               # (N, 2048, 8, 8)
+        pool = x.mean(dim=(2, 3))                                        # (N, 2048)
+        logits_unbiased = pool @ self.fc.weight.t()                      # (N, 1008)
+        return {"pool": pool, "logits": logits_unbiased + self.fc.bias,
+                "logits_unbiased": logits_unbiased, "spatial": spatial}
+
+    def forward(self, x):
+        return self.features(x)["pool"]
+
+
+def download_inception():
+    """Fetches pytorch-fid's weights into the torch hub cache (only behind --download)."""
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_FILE)
+    if not os.path.isfile(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.hub.download_url_to_file(INCEPTION_URL, path)
+    return path
+
+
+def load_inception(weights=None):
+    """The FID Inception in eval mode: random weights when `weights` is None, else
+    pytorch-fid's pt_inception-2015-12-05-6726825d.pth (torchvision key layout),
+    loaded strictly."""
+    model = FIDInceptionV3()
+    if weights is not None:
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"Inception weights not found: {weights}; {INCEPTION_HELP}")
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        # Files saved before torch 0.4.1 lack the batch-norm step counters, which eval
+        # never reads (torch's own loader fills them in the same way); all else is strict.
+        for key, value in model.state_dict().items():
+            if key.endswith("num_batches_tracked") and key not in state:
+                state[key] = torch.zeros_like(value)
+        load_state_dict_strict(model, state, weights)
+    return model.eval().requires_grad_(False)
+
+
+#################################################################################
+#                              Feature extraction                               #
+#################################################################################
+
+def to_unit(images):
+    """uint8 (N, H, W, 3) array/tensor -> float (N, 3, H, W) in [0, 1]."""
+    images = torch.as_tensor(images)
+    return images.permute(0, 3, 1, 2).float() / 255
+
+
+def to_uint8(images):
+    """Float (N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3) numpy, rounded as DiT's sampler."""
+    images = torch.clamp(127.5 * images + 128.0, 0, 255).to(torch.uint8)
+    return images.permute(0, 2, 3, 1).cpu().numpy()
+
+
+@torch.no_grad()
+def extract(model, batches, device, keys=("pool", "logits_unbiased", "spatial")):
+    """Runs the Inception on batches of [0, 1] float images (N, 3, H, W) or uint8 images
+    (N, H, W, 3), converted on the device; returns float32 numpy arrays of the requested
+    feature keys, concatenated over batches."""
+    outputs = {key: [] for key in keys}
+    for batch in batches:
+        batch = batch.to(device, non_blocking=True)
+        features = model.features(to_unit(batch) if batch.dtype == torch.uint8 else batch.float())
+        for key in keys:
+            outputs[key].append(features[key].float().cpu().numpy())
+    if not outputs[keys[0]]:
+        raise ValueError("no images to evaluate (the data set or the npz file is empty)")
+    return {key: np.concatenate(value) for key, value in outputs.items()}
+
+
+def statistics(features):
+    """Mean and covariance as pytorch-fid and ADM compute them (np.cov: unbiased,
+    float64); the mean in float64 too."""
+    features = np.asarray(features)
+    return features.mean(axis=0, dtype=np.float64), np.cov(features, rowvar=False)
+
+
+def dataset_batches(dataset, batch_size, workers, labels=None):
+    """Yields [0, 1] image batches from a data.py data set (items in [-1, 1]); labels,
+    when a list is given, are appended to it."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                         pin_memory=torch.cuda.is_available())
+    for images, targets in loader:
+        if labels is not None:
+            labels.extend(targets.tolist())
+        yield (images + 1) / 2
+
+
+#################################################################################
+#                                    Metrics                                    #
+#################################################################################
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2)), computed as
+    pytorch-fid and ADM do: scipy's sqrtm of the product; if that is not finite, retry
+    with eps on both diagonals; a complex root is accepted only if the imaginary part of
+    its diagonal (what enters the trace) is below 1e-3."""
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f"statistics of different dimension: mean {mu1.shape} vs {mu2.shape}, "
+                         f"covariance {sigma1.shape} vs {sigma2.shape} (were they made with the same network?)")
+    diff = mu1 - mu2
+    covmean = linalg.sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():
+        print(f"frechet_distance: singular product; adding {eps} to the diagonal of both covariances")
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"frechet_distance: the matrix square root has an imaginary component of "
+                             f"{np.max(np.abs(covmean.imag)):.3g}; the covariances are too ill-conditioned "
+                             f"(use more images)")
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def inception_score(logits, splits=10):
+    """exp(E_x KL(p(y|x) || p(y))) averaged over `splits` equal contiguous parts (fewer
+    when there are fewer samples); returns (mean, std). With 50K samples this is ADM's
+    evaluator (5000-image splits)."""
+    logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    scores = []
+    for part in torch.tensor_split(logits, min(splits, len(logits))):
+        log_p = torch.log_softmax(part, dim=1)                      # (n, K)
+        log_marginal = torch.logsumexp(log_p, dim=0) - math.log(part.shape[0])
+        kl = (log_p.exp() * (log_p - log_marginal)).sum(dim=1).mean()
+        scores.append(kl.exp().item())
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def pairwise_sq_distances(u, v):
+    """Squared Euclidean distances (n, m) as ADM's evaluator: |u|^2 - 2 u.v + |v|^2,
+    clamped at zero. (ADM tries float16 first; we stay in float32.)"""
+    d = (u * u).sum(1, keepdim=True) - 2 * u @ v.t() + (v * v).sum(1).unsqueeze(0)
+    return d.clamp_min(0)
+
+
+def manifold_radii(features, k=3, batch_size=10000):
+    """Squared distance of each point to its k-th nearest neighbour in the same set
+    (the point itself counts as the 0th, as in ADM's evaluator)."""
+    radii = []
+    for start in range(0, len(features), batch_size):
+        d = torch.cat([pairwise_sq_distances(features[start:start + batch_size], features[s:s + batch_size])
+                       for s in range(0, len(features), batch_size)], dim=1)
+        radii.append(d.topk(k + 1, dim=1, largest=False).values[:, k])
+    return torch.cat(radii)
+
+
+@torch.no_grad()
+def precision_recall(ref_features, sample_features, k=3, batch_size=10000, device="cpu"):
+    """Improved precision and recall (Kynkaanniemi et al. 2019) as in ADM's evaluator:
+    precision = fraction of samples inside some reference k-NN ball, recall = fraction
+    of references inside some sample k-NN ball. Distances in batches of batch_size."""
+    ref = torch.as_tensor(np.asarray(ref_features), dtype=torch.float32, device=device)
+    sam = torch.as_tensor(np.asarray(sample_features), dtype=torch.float32, device=device)
+    if min(len(ref), len(sam)) <= k:
+        raise ValueError(f"precision/recall with k={k} needs more than {k} images in each set")
+    ref_radii, sam_radii = manifold_radii(ref, k, batch_size), manifold_radii(sam, k, batch_size)
+    ref_covered = torch.zeros(len(ref), dtype=torch.bool, device=device)
+    sam_covered = torch.zeros(len(sam), dtype=torch.bool, device=device)
+    for i in range(0, len(ref), batch_size):
+        for j in range(0, len(sam), batch_size):
+            d = pairwise_sq_distances(ref[i:i + batch_size], sam[j:j + batch_size])    # (n, m)
+            sam_covered[j:j + batch_size] |= (d <= ref_radii[i:i + batch_size, None]).any(0)
+            ref_covered[i:i + batch_size] |= (d <= sam_radii[None, j:j + batch_size]).any(1)
+    return sam_covered.double().mean().item(), ref_covered.double().mean().item()
+
+
+def psnr(x, y, data_range=1.0):
+    """Per-image PSNR (N,) of float images (N, C, H, W)."""
+    mse = (x.double() - y.double()).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(data_range ** 2 / mse)
+
+
+def gaussian_window(size=11, sigma=1.5):
+    # scipy's gaussian_filter with truncate=3.5 (skimage's call) has radius
+    # int(3.5 * 1.5 + 0.5) = 5, i.e. these 11 taps.
+    t = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    w = torch.exp(-t ** 2 / (2 * sigma ** 2))
+    return w / w.sum()
+
+
+def ssim(x, y, data_range=1.0, size=11, sigma=1.5):
+    """Per-image SSIM (N,) of float images (N, C, H, W), as scikit-image's
+    structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+    channel_axis=...): Gaussian-weighted local statistics, K1=0.01, K2=0.03, mean over
+    the map without its (size - 1) / 2 border (skimage filters with reflection and then
+    crops that border, so a valid convolution gives the same values)."""
+    N, C, H, W = x.shape
+    window = gaussian_window(size, sigma).to(x.device, torch.float32)
+    x, y = x.float(), y.float()
+    stack = torch.cat([x, y, x * x, y * y, x * y], dim=1)                  # (N, 5C, H, W)
+    stack = F.conv2d(stack, window.view(1, 1, size, 1).expand(5 * C, 1, size, 1), groups=5 * C)
+    stack = F.conv2d(stack, window.view(1, 1, 1, size).expand(5 * C, 1, 1, size), groups=5 * C)
+    mu_x, mu_y, xx, yy, xy = stack.chunk(5, dim=1)                        # each (N, C, h, w)
+    var_x, var_y, cov = xx - mu_x ** 2, yy - mu_y ** 2, xy - mu_x * mu_y
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+    return s.flatten(1).double().mean(1)
+
+
+def linear_probe(features, labels, holdout=0.2, ridge=1e-3, seed=0):
+    """Held-out accuracy of a closed-form ridge regression from features (N, D) to
+    one-hot labels. Features are standardised on the training part; ridge is added to
+    the diagonal of the Gram matrix divided by the number of training samples."""
+    x = torch.as_tensor(np.asarray(features), dtype=torch.float64)
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    n_test = max(1, int(round(holdout * len(x))))
+    test, train = order[:n_test], order[n_test:]
+    mean, std = x[train].mean(0), x[train].std(0).clamp_min(1e-8)
+    x = (x - mean) / std
+    x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)      # bias column
+    targets = F.one_hot(y, int(y.max()) + 1).to(x.dtype)
+    gram = x[train].t() @ x[train] / len(train) + ridge * torch.eye(x.shape[1], dtype=x.dtype)
+    weights = torch.linalg.solve(gram, x[train].t() @ targets[train] / len(train))
+    return ((x[test] @ weights).argmax(1) == y[test]).double().mean().item()
+
+
+@torch.no_grad()
+def dinov2_features(encoder, images, size=224):
+    """CLS features (N, D) of a DINOv2-type encoder (forward_features, patch_size) for
+    [0, 1] images (N, 3, H, W): bicubic resize to `size` rounded to a multiple of the
+    patch size (224 as in Stein et al. 2023), ImageNet normalisation."""
+    size = max(1, round(size / encoder.patch_size)) * encoder.patch_size
+    x = images.float()
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return encoder.forward_features((x - mean) / std)["x_norm_clstoken"]
+
+
+def fd_dinov2(features1, features2):
+    """Frechet distance between two sets of DINOv2 features (FD_DINOv2)."""
+    return frechet_distance(*statistics(features1), *statistics(features2))
+
+
+#################################################################################
+#                                     Files                                     #
+#################################################################################
+
+def save_npz(path, **arrays):
+    """np.savez written to a temporary name and renamed, so a reader (or a resumed run)
+    never sees half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+def save_json(path, data):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+def load_npz(path):
+    with np.load(path) as f:
+        return {key: f[key] for key in f.files}
+
+
+def npz_keys(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"npz file not found: {path}")
+    with np.load(path) as f:
+        return list(f.files)
+
+
+def iter_npz_array(path, key, batch_size):
+    """Yields row batches of one array of an .npz file without loading it whole (a 50K
+    256px batch is 10 GB); plain or compressed npz."""
+    with zipfile.ZipFile(path) as archive, archive.open(f"{key}.npy") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        shape, fortran, dtype = read_header(f) if read_header else (None, True, None)
+        if fortran or dtype.hasobject:           # rare layouts: load it whole
+            with np.load(path) as data:
+                array = data[key]
+            for start in range(0, len(array), batch_size):
+                yield array[start:start + batch_size]
+            return
+        row = int(np.prod(shape[1:])) * dtype.itemsize
+        for start in range(0, shape[0], batch_size):
+            n = min(batch_size, shape[0] - start)
+            yield np.frombuffer(f.read(n * row), dtype=dtype).reshape(n, *shape[1:])
+
+
+def npz_image_batches(path, batch_size, key="arr_0"):
+    """uint8 image batches (N, H, W, 3) as tensors from an ADM-layout npz array."""
+    for batch in iter_npz_array(path, key, batch_size):
+        if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
+            raise ValueError(f"{path}: {key} must be uint8 (N, H, W, 3) images as in ADM's sample "
+                             f"batches, got {batch.dtype} {batch.shape[1:]}")
+        yield torch.from_numpy(batch.copy())
+
+
+def load_reference(path, model, device, batch_size):
+    """Reference statistics and pool features from our stats file, a pytorch-fid file
+    (mu, sigma) or an ADM reference batch (arr_0 images and mu, sigma, mu_s, sigma_s).
+    Anything missing but computable from arr_0 is computed; what stays missing is None."""
+    keys = npz_keys(path)
+    ref = {k: None for k in ("mu", "sigma", "mu_s", "sigma_s", "pool")}
+    with np.load(path) as f:
+        for k in ref:
+            if k in keys:
+                ref[k] = f[k]
+    if "arr_0" in keys and (ref["pool"] is None or ref["mu"] is None or ref["mu_s"] is None):
+        print(f"computing reference features from the images in {path}")
+        features = extract(model, npz_image_batches(path, batch_size), device, keys=("pool", "spatial"))
+        ref["pool"] = features["pool"] if ref["pool"] is None else ref["pool"]
+        if ref["mu"] is None:
+            ref["mu"], ref["sigma"] = statistics(features["pool"])
+        if ref["mu_s"] is None:
+            ref["mu_s"], ref["sigma_s"] = statistics(features["spatial"])
+    if ref["mu"] is None:
+        raise ValueError(f"{path} holds neither mu/sigma nor arr_0 images; make it with "
+                         f"`python evaluate.py stats` or pass ADM's reference batch")
+    return ref
+
+
+#################################################################################
+#                                   Commands                                    #
+#################################################################################
+
+def inception_from_args(args, needed_for):
+    """The Inception on args.device, or None after saying which file the metrics need."""
+    weights = args.inception_weights
+    if weights is None and args.download:
+        weights = download_inception()
+    if weights is None or not os.path.isfile(weights):
+        problem = "no Inception weights given" if weights is None else f"Inception weights not found: {weights}"
+        print(f"{needed_for} skipped: {problem}; {INCEPTION_HELP}")
+        return None
+    return load_inception(weights).to(args.device)
+
+
+def data_from_args(args, image_size):
+    """The --data set at image_size; with --num-images, at most that many items, evenly
+    spaced so that every class of a sorted ImageFolder is represented."""
+    n = args.num_images
+    dataset = build_dataset(args.data, image_size, split=args.split, **({"num_images": n} if n else {}))
+    if not n or n >= len(dataset):
+        return dataset
+    indices = np.linspace(0, len(dataset) - 1, n).round().astype(int).tolist()
+    return torch.utils.data.Subset(dataset, indices)
+
+
+def cmd_stats(args):
+    model = inception_from_args(args, "reference statistics (FID, sFID, precision/recall)")
+    if model is None:
+        raise SystemExit(1)
+    dataset = data_from_args(args, args.image_size)
+    features = extract(model, dataset_batches(dataset, args.batch_size, args.workers), args.device,
+                       keys=("pool", "spatial"))
+    mu, sigma = statistics(features["pool"])
+    mu_s, sigma_s = statistics(features["spatial"])
+    save_npz(args.out, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s, pool=features["pool"])
+    print(f"wrote statistics of {len(features['pool'])} images to {args.out}")
+
+
+
+
+def cmd_metrics(args):
+    model = inception_from_args(args, "FID, sFID, IS, precision and recall")
+    if model is None:
+        raise SystemExit(1)
+    samples = extract(model, npz_image_batches(args.samples, args.batch_size), args.device)
+    ref = load_reference(args.ref, model, args.device, args.batch_size)
+    results = {"num_samples": len(samples["pool"])}
+    results["fid"] = frechet_distance(*statistics(samples["pool"]), ref["mu"], ref["sigma"])
+    if ref["mu_s"] is not None:
+        results["sfid"] = frechet_distance(*statistics(samples["spatial"]), ref["mu_s"], ref["sigma_s"])
+    else:
+        print(f"sFID skipped: {args.ref} has no mu_s/sigma_s or images")
+    results["inception_score"], results["inception_score_std"] = inception_score(samples["logits_unbiased"],
+                                                                                 args.is_splits)
+    if ref["pool"] is not None:
+        results["precision"], results["recall"] = precision_recall(
+            ref["pool"], samples["pool"], k=args.k, batch_size=args.pr_batch_size, device=args.device)
+    else:
+        print(f"precision/recall skipped: {args.ref} has no pool features or images")
+    report(results, args.out)
+
+
+def report(results, out):
+    print(json.dumps(results, indent=2))
+    if out:
+        save_json(out, results)
+
+
+def init_distributed(device):
+    """(rank, world size, device): torch.distributed when launched by torchrun (nccl on
+    GPU, gloo on CPU), one rank otherwise."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(device)
+    import torch.distributed as dist
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank)
+    return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
+
+
+def barrier(world_size):
+    if world_size > 1:
+        torch.distributed.barrier()
+
+
+def sample_noise(seed, indices, shape):
+    """Noise of sample i depends only on (seed, i): any sharding, batch size or resume
+    gives the same images."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed((seed << 32) + i))
+                        for i in indices])
+
+
+@torch.no_grad()
+def sample_images(model, tok, indices, args, device):
+    """uint8 images (n, H, W, 3) and labels (n,) of the given sample indices."""
+    config = model.config
+    shape = (config["in_channels"], config["input_size"], config["input_size"])
+    labels = torch.tensor([i % config["num_classes"] for i in indices])   # class-balanced
+    x = dit_sample(model, sample_noise(args.seed, indices, shape).to(device), labels.to(device), args)
+    z = x * tok.latent_std.view(1, -1, 1, 1) + tok.latent_mean.view(1, -1, 1, 1)
+    return to_uint8(tok.decode(z)), labels.numpy()
+
+
+def dit_sample(model, noise, y, args):
+    return dit.sample(model, noise, y, steps=args.steps, method=args.method, cfg_scale=args.cfg_scale,
+                      cfg_interval=args.cfg_interval, shift=args.shift, cfg_channels=args.cfg_channels)
+
+
+def shard_folder(out):
+    return os.path.splitext(out)[0] + "_shards"
+
+
+def check_shard_settings(folder, settings, rank, world_size):
+    """Shards are only reused when made with the same settings."""
+    path = os.path.join(folder, "settings.json")
+    if rank == 0:
+        os.makedirs(folder, exist_ok=True)
+        if not os.path.isfile(path):
+            save_json(path, settings)
+    barrier(world_size)
+    with open(path) as f:
+        saved = json.load(f)
+    if saved != settings:
+        changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+        raise SystemExit(f"{folder} holds shards made with other settings ({', '.join(changed)}); "
+                         f"rerun with the same flags, or delete the folder to start over")
+
+
+def cmd_sample(args):
+    rank, world_size, device = init_distributed(args.device)
+    model, checkpoint = dit.load_dit(args.ckpt, use_ema=True)
+    tok_path = args.tokenizer or checkpoint.get("args", {}).get("tokenizer")
+    if not tok_path:
+        raise SystemExit(f"{args.ckpt} names no tokenizer checkpoint; pass --tokenizer PATH")
+    tok = load_tokenizer(tok_path)
+    model, tok = model.to(device), tok.to(device)
+    if rank == 0 and args.num % model.config["num_classes"]:
+        print(f"--num-samples {args.num} is not a multiple of {model.config['num_classes']} classes: "
+              f"class counts will differ by one")
+    settings = dict(ckpt=os.path.abspath(args.ckpt), tokenizer=os.path.abspath(tok_path), num=args.num,
+                    shard_size=args.shard_size, seed=args.seed, steps=args.steps, method=args.method,
+                    cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval, shift=args.shift,
+                    cfg_channels=args.cfg_channels)
+    folder = shard_folder(args.out)
+    check_shard_settings(folder, settings, rank, world_size)
+    num_shards = math.ceil(args.num / args.shard_size)
+    shard_paths = [os.path.join(folder, f"shard_{s:06d}.npz") for s in range(num_shards)]
+    for s in range(rank, num_shards, world_size):
+        if os.path.isfile(shard_paths[s]):
+            continue
+        indices = list(range(s * args.shard_size, min((s + 1) * args.shard_size, args.num)))
+        parts = [sample_images(model, tok, indices[b:b + args.batch_size], args, device)
+                 for b in range(0, len(indices), args.batch_size)]
+        save_npz(shard_paths[s], arr_0=np.concatenate([p[0] for p in parts]),
+                 arr_1=np.concatenate([p[1] for p in parts]))
+        print(f"[rank {rank}] shard {s + 1}/{num_shards} done")
+    barrier(world_size)
+    if rank == 0:
+        shards = [load_npz(p) for p in shard_paths]
+        save_npz(args.out, arr_0=np.concatenate([s["arr_0"] for s in shards]),
+                 arr_1=np.concatenate([s["arr_1"] for s in shards]))
+        print(f"wrote {args.num} samples to {args.out} (shards kept in {folder})")
+    barrier(world_size)
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
+
+
+@torch.no_grad()
+def cmd_recon(args):
+    tok = load_tokenizer(args.tokenizer).to(args.device)
+    inception = inception_from_args(args, "rFID")
+    if inception is None:
+        print("computing FD_DINOv2 in the tokenizer's own encoder features instead")
+    dataset = data_from_args(args, tok.image_size)
+    labels, psnrs, ssims, latents, real, fake = [], [], [], [], [], []
+    for images in dataset_batches(dataset, args.batch_size, args.workers, labels):
+        images = images.to(args.device)                                   # (N, 3, H, W) in [0, 1]
+        z = tok.encode(2 * images - 1)                                    # (N, C, h, w)
+        recon = ((tok.decode(z) + 1) / 2).clamp(0, 1)
+        if args.quantize:                                                 # as a saved 8-bit image
+            recon = torch.round(recon * 255) / 255
+        psnrs.append(psnr(images, recon).cpu())
+        ssims.append(ssim(images, recon).cpu())
+        latents.append((z.mean(dim=(2, 3)) if args.probe_features == "mean" else z.flatten(1)).cpu())
+        if inception is not None:
+            real.append(inception(images).cpu())
+            fake.append(inception(recon).cpu())
+        else:
+            real.append(dinov2_features(tok.encoder, images, args.dinov2_size).cpu())
+            fake.append(dinov2_features(tok.encoder, recon, args.dinov2_size).cpu())
+    results = {"num_images": len(labels), "psnr": torch.cat(psnrs).mean().item(),
+               "ssim": torch.cat(ssims).mean().item()}
+    distance = frechet_distance(*statistics(torch.cat(real).numpy()), *statistics(torch.cat(fake).numpy()))
+    results["rfid" if inception is not None else "fd_dinov2_tokenizer_encoder"] = distance
+    results["linear_probe"] = linear_probe(torch.cat(latents), labels, args.probe_holdout, args.probe_ridge)
+    report(results, args.out)
+
+
+#################################################################################
+#                                 Command line                                  #
+#################################################################################
+
+def add_common(parser):
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=int, default=100, help="images per network call")
+    parser.add_argument("--out", default=None, help="output file")
+
+
+def add_inception(parser):
+    parser.add_argument("--inception-weights", default=None,
+                        help=f"pytorch-fid's {INCEPTION_FILE} (from {INCEPTION_URL})")
+    parser.add_argument("--download", action="store_true",
+                        help="download the Inception weights into the torch hub cache if --inception-weights is not given")
+    parser.add_argument("--allow-tf32", action="store_true",
+                        help="allow TF32 convolutions/matmuls on GPU (faster, not bit-comparable; off by default)")
+
+
+def add_data(parser):
+    parser.add_argument("--workers", type=int, default=4, help="data loader workers")
+    parser.add_argument("--data", required=True, help="'synthetic' or an ImageFolder tree")
+    parser.add_argument("--split", default="val", choices=("train", "val"), help="split of the synthetic set")
+    parser.add_argument("--num-images", type=int, default=None,
+                        help="use at most this many images, evenly spaced over the set (default: all; "
+                             "the synthetic set's size)")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    stats = commands.add_parser("stats", help="reference statistics of a data set")
+    add_common(stats)
+    add_inception(stats)
+    add_data(stats)
+    stats.add_argument("--image-size", type=int, default=256, help="center-crop size (ADM's crop)")
+
+    metrics = commands.add_parser("metrics", help="FID, sFID, IS, precision, recall of a sample batch")
+    add_common(metrics)
+    add_inception(metrics)
+    metrics.add_argument("--samples", required=True, help="npz with arr_0 uint8 (N, H, W, 3)")
+    metrics.add_argument("--ref", required=True, help="our stats npz, a pytorch-fid npz or ADM's reference batch")
+    metrics.add_argument("--k", type=int, default=3, help="nearest neighbours for precision/recall (ADM: 3)")
+    metrics.add_argument("--pr-batch-size", type=int, default=10000, help="rows per distance block")
+    metrics.add_argument("--is-splits", type=int, default=10, help="Inception Score splits (ADM: 5000-image splits of 50K)")
+
+    sample = commands.add_parser("sample", help="class-balanced samples of a DiT (torchrun for several GPUs)")
+    add_common(sample)
+    sample.add_argument("--ckpt", required=True, help="DiT training checkpoint")
+    sample.add_argument("--tokenizer", default=None, help="tokenizer checkpoint (default: the DiT checkpoint's)")
+    sample.add_argument("--num-samples", "--num", dest="num", type=int, default=50000,
+                        help="number of samples (50 per class for ImageNet); under torchrun spell it "
+                             "--num-samples, since torchrun reads --num as its own --numa-binding")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--steps", type=int, default=50, help="model evaluations per sample")
+    sample.add_argument("--method", default="euler", choices=("euler", "heun"))
+    sample.add_argument("--cfg-scale", type=float, default=1.0)
+    sample.add_argument("--cfg-interval", type=float, default=0.0, help="guide only where t >= this")
+    sample.add_argument("--shift", type=float, default=0.3, help="timestep shift s")
+    sample.add_argument("--cfg-channels", type=int, default=None, help="guide only the first N channels (3: released LightningDiT)")
+    sample.add_argument("--shard-size", type=int, default=1000, help="samples per resumable shard file")
+
+    recon = commands.add_parser("recon", help="rFID / FD_DINOv2, PSNR, SSIM and linear probe of a tokenizer")
+    add_common(recon)
+    add_inception(recon)
+    add_data(recon)
+    recon.add_argument("--tokenizer", required=True, help="tokenizer checkpoint")
+    recon.add_argument("--quantize", action=argparse.BooleanOptionalAction, default=True,
+                       help="round reconstructions to 8 bits before the metrics, as saved images would be")
+    recon.add_argument("--dinov2-size", type=int, default=224, help="FD_DINOv2 input size (rounded to the patch size)")
+    recon.add_argument("--probe-features", default="mean", choices=("mean", "flatten"),
+                       help="linear probe on spatially averaged or flattened latents")
+    recon.add_argument("--probe-holdout", type=float, default=0.2, help="held-out fraction for the probe")
+    recon.add_argument("--probe-ridge", type=float, default=1e-3, help="ridge strength of the probe")
+    return parser
+
+
+COMMANDS = {"stats": cmd_stats, "metrics": cmd_metrics, "sample": cmd_sample, "recon": cmd_recon}
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.command in ("stats", "sample") and not args.out:
+        raise SystemExit(f"{args.command}: pass --out PATH")
+    if args.command != "sample" and not args.allow_tf32:
+        # TF32 rounds convolution inputs to 10-bit mantissas; keep the features exact
+        # float32 so that the numbers compare with pytorch-fid's and ADM's.
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    COMMANDS[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
