@@ -209,7 +209,6 @@ def main(args):
         if use_gan:
             discriminator.load_state_dict(resume["discriminator"])
             disc_optimizer.load_state_dict(resume["disc_optimizer"])
-        set_rng_state(resume["rng"][rank] if rank < len(resume["rng"]) else resume["rng"][0])
         step = resume["step"]
     train_model = torch.compile(model) if args.compile else model
     if world_size > 1:
@@ -221,6 +220,8 @@ def main(args):
     loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
                                               pin_memory=device.type == "cuda",
                                               persistent_workers=args.workers > 0))
+    if resume is not None:  # last: building the loader iterator draws from the global RNG
+        set_rng_state(resume["rng"][rank])
 
     # ---- checkpoint --------------------------------------------------------------
     def write_checkpoint():

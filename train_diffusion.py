@@ -1,0 +1,435 @@
+"""
+Trains LightningDiT, the class-conditional flow model (REFERENCE.md section 4), on the
+latents of a trained AlignTok tokenizer (arXiv 2509.25162).
+
+CPU demo on the embedded data set (the --model default, LightningDiT-B/1, is the paper's
+smallest size; the demo shrinks it with the override flags):
+
+    python train_diffusion.py --tokenizer runs/stage3/checkpoint.pt --out runs/dit \
+        --depth 4 --hidden-size 128 --num-heads 4 --steps 2000 --ema-warmup 10
+
+ImageNet 256, LightningDiT-XL/1 for 64 epochs (80K steps at a global batch of 1024 on 8
+GPUs); --qk-norm for long runs (800 epochs), whose loss otherwise turns NaN after ~140K steps:
+
+    torchrun --nproc_per_node=8 train_diffusion.py --tokenizer runs/stage3/checkpoint.pt \
+        --data /data/imagenet/train --model LightningDiT-XL/1 --batch-size 128 --steps 80000 \
+        --qk-norm --compile --workers 8 --out runs/dit-xl
+
+The first run encodes the data set once, each image and its horizontal flip, into a
+latent cache (see cache_latents); later runs with the same tokenizer and data reuse it.
+The run folder gets checkpoint.pt (written atomically; --resume continues it exactly),
+metrics.jsonl and samples.png (EMA model, one row per class).
+"""
+import argparse
+import copy
+import hashlib
+import json
+import os
+import time
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from data import StepBatchSampler, build_dataset
+from dit import DIT_NAMES, create_model, drop_labels, flow_loss, sample
+from tokenizer import load_state_dict_strict, load_tokenizer
+from training import (all_reduce_mean, autocast, cleanup_distributed, ema_decay, load_checkpoint, log_metrics,
+                      rng_state, save_checkpoint, save_grid, set_rng_state, setup_distributed, unwrap,
+                      update_ema)
+
+
+#################################################################################
+#                                 Latent cache                                  #
+#################################################################################
+
+def barrier(world_size):
+    if world_size > 1:
+        torch.distributed.barrier()
+
+
+def tokenizer_fingerprint(tokenizer):
+    """sha256 of everything encode() depends on: the config without the decoder fields and
+    the encoder and adapter weights. Hashing these rather than the file keeps the cache
+    valid for a copied, moved or decoder-only (stage 3) checkpoint with the same latents,
+    and rebuilds it whenever the latents could differ."""
+    digest = hashlib.sha256()
+    config = {k: v for k, v in tokenizer.config.items() if not k.startswith("decoder")}
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, tensor in tokenizer.state_dict().items():
+        if name.startswith(("encoder.", "adapter.")):
+            digest.update(f"{name} {tuple(tensor.shape)} {tensor.dtype}".encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def data_fingerprint(args, dataset, image_size):
+    """What pins the images: the synthetic set's size and seed, or an ImageFolder's file list
+    and labels (relative paths, so a moved copy of the tree keeps its cache)."""
+    fingerprint = dict(data=args.data if args.data == "synthetic" else "folder", num_images=len(dataset),
+                       image_size=image_size, num_classes=len(dataset.classes))
+    if args.data == "synthetic":
+        fingerprint["seed"] = args.seed
+    else:
+        listing = "\n".join(f"{os.path.relpath(path, args.data)}\t{label}" for path, label in dataset.folder.samples)
+        fingerprint["files"] = hashlib.sha256(listing.encode()).hexdigest()
+    return fingerprint
+
+
+def read_cache_header(path, fingerprint, shape):
+    """The cache's header if latents and header exist and match, else None."""
+    try:
+        with open(path.removesuffix(".npy") + ".json") as f:
+            header = json.load(f)
+        latents = np.load(path, mmap_mode="r")
+    except (OSError, ValueError):
+        return None
+    matches = (header.get("fingerprint") == json.loads(json.dumps(fingerprint))
+               and latents.shape == tuple(shape) and str(latents.dtype) == fingerprint["dtype"])
+    return header if matches else None
+
+
+def merge_parts(part_paths, path, shape, dtype):
+    """Concatenates the ranks' part files into the cache file, then renames it into place."""
+    if len(part_paths) == 1:
+        os.replace(part_paths[0], path)
+        return
+    temporary = part_paths[0] + ".merged"
+    merged = np.lib.format.open_memmap(temporary, mode="w+", dtype=dtype, shape=tuple(shape))
+    offset = 0
+    for part_path in part_paths:
+        part = np.load(part_path, mmap_mode="r")
+        for start in range(0, len(part), 4096):             # bounded memory on ImageNet-sized caches
+            chunk = part[start:start + 4096]
+            merged[offset + start:offset + start + len(chunk)] = chunk
+        offset += len(part)
+        del part
+        os.remove(part_path)
+    merged.flush()
+    del merged
+    os.replace(temporary, path)
+
+
+@torch.no_grad()
+def cache_latents(tokenizer, dataset, args, rank, world_size, device, expected_key=None):
+    """Returns the path of the latent cache of `dataset` under `tokenizer`, building it if needed.
+
+    Layout: <cache-dir>/latents-<key>.npy, an array (N, 2, C, h, w) of --cache-dtype, where
+    [:, 0] is the raw latent z of image i and [:, 1] that of its horizontal flip. Raw, not
+    normalised: the tokenizer's latent_mean / latent_std are applied when batches are drawn,
+    so the statistics are never baked into the cache. Beside it, latents-<key>.json holds
+    the header: the fingerprint (tokenizer_fingerprint, data_fingerprint, dtype), whose
+    sha256 is the <key>, plus the tokenizer and data paths for reference. Several tokenizers
+    can share one cache folder; a changed tokenizer or data set gets a new key, so a new file.
+    Labels are not stored: the fingerprint pins the data set, whose targets give them.
+
+    Under torchrun each rank encodes a contiguous block of images into its own part file,
+    then rank 0 concatenates the parts, renames the result into place and writes the header
+    last (the header is the commit mark). The cache folder must be visible to every rank.
+    expected_key (a resumed run's) stops with an error before anything is encoded if the
+    tokenizer or data differ from the run's.
+    The .npy is memory-mapped for training, so ImageNet's cache (1.28M x 2 x 32 x 16 x 16,
+    42 GB in float16) is shared by the ranks through the page cache instead of loaded 8 times.
+    """
+    folder = args.cache_dir or os.path.join(args.out, "latents")
+    channels, (h, w) = tokenizer.latent_mean.numel(), tokenizer.grid_size
+    shape = (len(dataset), 2, channels, h, w)
+    fingerprint = dict(tokenizer=tokenizer_fingerprint(tokenizer),
+                       data=data_fingerprint(args, dataset, tokenizer.image_size), dtype=args.cache_dtype)
+    key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+    path = os.path.join(folder, f"latents-{key}.npy")
+    if expected_key is not None and key != expected_key:
+        raise SystemExit(f"error: the checkpoint in {args.out} was trained on other latents (key {expected_key}, "
+                         f"this command gives {key}); resume with the run's own --tokenizer and data flags "
+                         f"(they are in the checkpoint's args)")
+    if read_cache_header(path, fingerprint, shape) is not None:
+        if rank == 0:
+            print(f"latent cache: reusing {path}")
+        return path, key
+
+    if rank == 0:
+        os.makedirs(folder, exist_ok=True)
+    barrier(world_size)
+    # One token per run folder, so two jobs building the same cache do not write the same parts.
+    token = hashlib.sha256(os.path.abspath(args.out).encode()).hexdigest()[:8]
+    part_paths = [f"{path}.{token}.part{r}of{world_size}" for r in range(world_size)]
+    start, end = rank * len(dataset) // world_size, (rank + 1) * len(dataset) // world_size
+    part = np.lib.format.open_memmap(part_paths[rank], mode="w+", dtype=args.cache_dtype,
+                                     shape=(end - start,) + shape[1:])
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(start, end)),
+                                         batch_size=args.cache_batch_size, num_workers=args.workers)
+    offset = 0
+    for images, _ in tqdm(loader, desc=f"encoding latents (rank 0 of {world_size})", disable=rank != 0,
+                          dynamic_ncols=True):
+        images = images.to(device)
+        with autocast(device):
+            z = tokenizer.encode(torch.cat((images, images.flip(-1)))).float()   # (2n, C, h, w)
+        pairs = torch.stack(z.chunk(2), dim=1).cpu().numpy().astype(args.cache_dtype)  # (n, 2, C, h, w)
+        if not np.isfinite(pairs).all():
+            raise SystemExit(f"error: the tokenizer gave non-finite latents (or they overflow {args.cache_dtype}; "
+                             f"try --cache-dtype float32); check --tokenizer {args.tokenizer}")
+        part[offset:offset + len(pairs)] = pairs
+        offset += len(pairs)
+    part.flush()
+    del part
+    barrier(world_size)
+    if rank == 0:
+        merge_parts(part_paths, path, shape, args.cache_dtype)
+        header = dict(fingerprint=fingerprint, shape=list(shape), tokenizer_path=os.path.abspath(args.tokenizer),
+                      data_path=args.data if args.data == "synthetic" else os.path.abspath(args.data),
+                      layout="(N, 2, C, h, w): [:, 0] image i, [:, 1] its horizontal flip; raw z, not normalised")
+        temporary = path.removesuffix(".npy") + f".json.tmp{os.getpid()}"
+        with open(temporary, "w") as f:
+            json.dump(header, f, indent=1)
+        os.replace(temporary, path.removesuffix(".npy") + ".json")
+        print(f"latent cache: wrote {path}")
+    barrier(world_size)
+    return path, key
+
+
+class LatentPairs(torch.utils.data.Dataset):
+    """Item i: (the cached latent pair (2, C, h, w) as float32, label i). The .npy is opened
+    lazily in each process: a memmap handed to a worker would be pickled as a full copy."""
+
+    def __init__(self, path, targets):
+        self.path, self.targets, self.latents = path, list(targets), None
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, index):
+        if self.latents is None:
+            self.latents = np.load(self.path, mmap_mode="r")
+        return torch.from_numpy(self.latents[index].astype(np.float32)), self.targets[index]
+
+
+#################################################################################
+#                                    Helpers                                    #
+#################################################################################
+
+def read_tokenizer(path):
+    """The tokenizer, or one error line naming what is wrong with --tokenizer."""
+    try:
+        return load_tokenizer(path)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: --tokenizer: {error}") from None
+
+
+def build_model(args, latent_shape, num_classes):
+    """The named LightningDiT with the command line's overrides, sized to the latents."""
+    channels, h, w = latent_shape
+    overrides = {k: v for k, v in dict(depth=args.depth, hidden_size=args.hidden_size,
+                                       num_heads=args.num_heads).items() if v is not None}
+    try:
+        return create_model(args.model, input_size=h, in_channels=channels, num_classes=num_classes,
+                            qk_norm=args.qk_norm, **overrides)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+def trim_metrics(path, step):
+    """Drops the records logged after `step` (by a run that stopped before its next checkpoint),
+    so that a resumed run's metrics.jsonl reads as if it had never stopped."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+@torch.no_grad()
+def save_samples(ema, tokenizer, noise, labels, args, path):
+    """One row per class of EMA samples from fixed noise, decoded by the tokenizer."""
+    device = noise.device
+    with autocast(device):
+        z = sample(ema, noise, labels, steps=args.sample_steps, cfg_scale=args.sample_cfg_scale,
+                   cfg_interval=args.sample_cfg_interval)
+        images = tokenizer.decode(tokenizer.denormalize(z.float()))
+    save_grid(images, path, nrow=args.sample_columns)
+
+
+#################################################################################
+#                                 Training loop                                 #
+#################################################################################
+
+def main(args):
+    # ---- setup -----------------------------------------------------------------
+    rank, world_size, device = setup_distributed()
+    checkpoint_path = os.path.join(args.out, "checkpoint.pt")
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    resume = None
+    if os.path.exists(checkpoint_path):
+        if not args.resume:
+            raise SystemExit(f"error: {checkpoint_path} exists; pass --resume to continue that run or choose "
+                             f"another --out (nothing was overwritten)")
+        resume = load_checkpoint(checkpoint_path)
+        if not {"model_config", "latents"} <= set(resume):
+            raise SystemExit(f"error: {checkpoint_path} is not a train_diffusion.py checkpoint; choose another --out")
+    tokenizer = read_tokenizer(args.tokenizer).to(device)
+
+    # ---- data: the latent cache ---------------------------------------------------
+    dataset = build_dataset(args.data, tokenizer.image_size, "train", args.num_images, args.seed)
+    num_classes = len(dataset.classes)
+    cache_path, cache_key = cache_latents(tokenizer, dataset, args, rank, world_size, device,
+                                          expected_key=None if resume is None else resume["latents"])
+    latents = LatentPairs(cache_path, dataset.targets)
+    latent_shape = (tokenizer.latent_mean.numel(),) + tuple(tokenizer.grid_size)   # (C, h, w)
+    if rank == 0 and bool((tokenizer.latent_mean == 0).all() and (tokenizer.latent_std == 1).all()):
+        print("note: the tokenizer holds no latent statistics (mean 0, std 1; a stage-1 checkpoint?), "
+              "so the DiT trains on raw latents")
+
+    # ---- model -------------------------------------------------------------------
+    torch.manual_seed(args.seed + rank)            # after the cache, whose building draws from the RNG
+    model = build_model(args, latent_shape, num_classes).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                                  betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
+    step, skipped = 0, 0
+    if resume is not None:
+        if resume.get("model_config") != model.config:
+            raise SystemExit(f"error: {checkpoint_path} holds another model ({resume.get('model_config')}); "
+                             f"resume with the run's own --model and override flags (they are in its args)")
+        load_state_dict_strict(model, resume["model"], checkpoint_path)
+        load_state_dict_strict(ema, resume["ema"], checkpoint_path)
+        optimizer.load_state_dict(resume["optimizer"])
+        step, skipped = resume["step"], resume["skipped"]
+    train_model = torch.compile(model) if args.compile else model
+    if world_size > 1:
+        train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    sampler = StepBatchSampler(len(latents), args.batch_size, rank, world_size, args.seed, start_step=step)
+    loader = iter(torch.utils.data.DataLoader(latents, batch_sampler=sampler, num_workers=args.workers,
+                                              pin_memory=device.type == "cuda",
+                                              persistent_workers=args.workers > 0))
+    # Preview: fixed noise from its own generator, so previews never move the training RNG.
+    rows = min(10, num_classes)
+    preview_labels = torch.linspace(0, num_classes - 1, rows).round().long().repeat_interleave(args.sample_columns)
+    preview_noise = torch.randn((len(preview_labels),) + latent_shape,
+                                generator=torch.Generator().manual_seed(args.seed))
+    preview_labels, preview_noise = preview_labels.to(device), preview_noise.to(device)
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        trim_metrics(metrics_path, step)
+    if resume is not None:   # last: building the loader above draws its base seed from the RNG
+        set_rng_state(resume["rng"][rank] if rank < len(resume["rng"]) else resume["rng"][0])
+
+    # ---- checkpoint --------------------------------------------------------------
+    def write_checkpoint():
+        gathered = [None] * world_size
+        if world_size > 1:
+            torch.distributed.all_gather_object(gathered, rng_state())
+        else:
+            gathered = [rng_state()]
+        if rank == 0:
+            save_checkpoint({"model_config": unwrap(model).config, "model": unwrap(model).state_dict(),
+                             "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                             "args": dict(vars(args), tokenizer=os.path.abspath(args.tokenizer)),
+                             "rng": gathered, "skipped": skipped, "num_classes": num_classes,
+                             "latents": cache_key}, checkpoint_path)
+
+    # ---- loop --------------------------------------------------------------------
+    progress = tqdm(total=args.steps, initial=step, desc="LightningDiT", disable=rank != 0, dynamic_ncols=True)
+    window, window_steps, window_start, last_logged = [], 0, time.time(), {}
+    while step < args.steps:
+        pairs, labels = next(loader)
+        pairs, labels = pairs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        flip = torch.rand(pairs.shape[0], device=device) < 0.5        # the flipped image's latent
+        x = tokenizer.normalize(torch.where(flip.view(-1, 1, 1, 1), pairs[:, 1], pairs[:, 0]))  # (N, C, h, w)
+        labels = drop_labels(labels, args.label_dropout, num_classes)
+        with autocast(device):
+            loss, parts = flow_loss(train_model, x, labels, args.cosine_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        # One decision for all ranks (a NaN on one rank reaches all through DDP's all-reduce of
+        # the gradients, but a rank's own loss may be inf with finite gradients).
+        finite = all_reduce_mean(float(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)), world_size) == 1
+        if finite:
+            optimizer.step()
+            update_ema(ema, unwrap(model), ema_decay(step, args.ema_decay, args.ema_warmup))
+            window.append([loss.item(), parts["mse"].item(), parts["cosine"].item(), grad_norm.item()])
+        else:
+            skipped += 1                                               # no update; the batch is spent
+        step += 1
+        window_steps += 1
+        progress.update(1)
+
+        if step % args.log_every == 0 or step == args.steps:
+            means = np.mean(window, axis=0).tolist() if window else [None] * 4
+            record = {k: None if v is None else all_reduce_mean(v, world_size)
+                      for k, v in zip(("loss", "mse", "cosine", "grad_norm"), means)}
+            record.update(step=step, skipped=skipped, sec_per_step=(time.time() - window_start) / window_steps)
+            window, window_steps, window_start, last_logged = [], 0, time.time(), record
+            if rank == 0:
+                log_metrics(metrics_path, record)
+                progress.set_postfix(loss=record["loss"], skipped=skipped)
+        if rank == 0 and (step % args.sample_every == 0 or step == args.steps):
+            save_samples(ema, tokenizer, preview_noise, preview_labels, args, os.path.join(args.out, "samples.png"))
+        if step % args.ckpt_every == 0 and step < args.steps:
+            write_checkpoint()
+    progress.close()
+    write_checkpoint()
+    if rank == 0:
+        print(f"LightningDiT done: {step} steps, loss {last_logged.get('loss')}, {skipped} skipped (non-finite); "
+              f"checkpoint {checkpoint_path}")
+    cleanup_distributed()
+
+
+#################################################################################
+#                                   Arguments                                   #
+#################################################################################
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run = parser.add_argument_group("run")
+    run.add_argument("--tokenizer", required=True, help="tokenizer checkpoint.pt of train_tokenizer.py stage 1-3")
+    run.add_argument("--out", required=True, help="run folder for checkpoint.pt, metrics.jsonl and samples.png")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run in --out from its checkpoint (starts fresh if it has none)")
+    run.add_argument("--steps", type=int, default=80000, help="total steps (ImageNet 64 epochs at batch 1024: 80000)")
+    run.add_argument("--seed", type=int, default=0, help="training seed; also the synthetic data set's seed")
+    data = parser.add_argument_group("data and latent cache")
+    data.add_argument("--data", default="synthetic", help="'synthetic' (embedded) or an ImageFolder path; "
+                                                          "the image size is the tokenizer's")
+    data.add_argument("--num-images", type=int, default=10000, help="size of the synthetic training set")
+    data.add_argument("--batch-size", type=int, default=32, help="per process (ImageNet: 128 on each of 8 GPUs)")
+    data.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    data.add_argument("--cache-dir", help="latent cache folder (default <out>/latents); may be shared by runs")
+    data.add_argument("--cache-dtype", default="float16", choices=["float16", "float32"],
+                      help="storage type of the cached latents (float16 halves the disk: 42 GB for ImageNet)")
+    data.add_argument("--cache-batch-size", type=int, default=64, help="images per batch when encoding the cache")
+    model = parser.add_argument_group("model (in_channels and input_size come from the latents, "
+                                      "num_classes from the data set)")
+    model.add_argument("--model", default="LightningDiT-B/1", choices=DIT_NAMES, help="size (ImageNet: XL/1)")
+    model.add_argument("--depth", type=int, help="override: number of blocks")
+    model.add_argument("--hidden-size", type=int, help="override: width")
+    model.add_argument("--num-heads", type=int, help="override: attention heads (head dim divisible by 4)")
+    model.add_argument("--qk-norm", action="store_true", help="RMSNorm on q and k (long runs: avoids NaN losses)")
+    optim = parser.add_argument_group("optimisation (LightningDiT's ImageNet recipe)")
+    optim.add_argument("--lr", type=float, default=2e-4, help="constant learning rate")
+    optim.add_argument("--beta1", type=float, default=0.9)
+    optim.add_argument("--beta2", type=float, default=0.95)
+    optim.add_argument("--weight-decay", type=float, default=0.0)
+    optim.add_argument("--grad-clip", type=float, default=1.0)
+    optim.add_argument("--ema-decay", type=float, default=0.9999)
+    optim.add_argument("--ema-warmup", type=int, default=0,
+                       help="decay is min(ema_decay, (1+step)/(warmup+step)); 0 = the plain decay (recipe), "
+                            "short CPU runs want ~10")
+    optim.add_argument("--label-dropout", type=float, default=0.1, help="probability of the null class (for CFG)")
+    optim.add_argument("--cosine-weight", type=float, default=1.0, help="weight of the velocity cosine term")
+    optim.add_argument("--compile", action="store_true", help="torch.compile the model")
+    logging = parser.add_argument_group("logging, previews and checkpoints")
+    logging.add_argument("--log-every", type=int, default=100)
+    logging.add_argument("--ckpt-every", type=int, default=5000)
+    logging.add_argument("--sample-every", type=int, default=5000, help="steps between samples.png previews")
+    logging.add_argument("--sample-columns", type=int, default=8, help="samples per class row of the preview")
+    logging.add_argument("--sample-steps", type=int, default=50, help="Euler steps of the preview")
+    logging.add_argument("--sample-cfg-scale", type=float, default=1.0, help="guidance of the preview (1 = none)")
+    logging.add_argument("--sample-cfg-interval", type=float, default=0.1, help="guidance only where t >= this")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main(parse_args())
