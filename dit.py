@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer import Attention, load_state_dict_strict
+from tokenizer import Attention, PatchEmbed, SwiGLU, load_state_dict_strict
 
 
 #################################################################################
@@ -42,15 +42,6 @@ def sincos_2d(dim, grid_size):
     rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
     emb = torch.cat((sincos_1d(dim // 2, cols.flatten()), sincos_1d(dim // 2, rows.flatten())), dim=1)
     return emb.float()
-
-
-class PatchEmbed(nn.Module):
-    def __init__(self, patch_size, in_channels, dim):
-        super().__init__()
-        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)                 # (N, h*w, D)
 
 
 class TimestepEmbedder(nn.Module):
@@ -116,19 +107,6 @@ def rope_2d(grid_size, head_dim, theta=10000.0):
 
 def modulate(x, shift, scale):
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-
-
-class SwiGLU(nn.Module):
-    """SwiGLU MLP with one fused input projection (w12) split into gate and value."""
-
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.w12 = nn.Linear(dim, 2 * hidden)
-        self.w3 = nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        gate, value = self.w12(x).chunk(2, dim=-1)                     # each (N, T, hidden)
-        return self.w3(F.silu(gate) * value)                           # (N, T, D)
 
 
 class LightningDiTBlock(nn.Module):

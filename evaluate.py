@@ -29,7 +29,8 @@ from scipy import linalg
 
 import dit
 from data import build_dataset
-from tokenizer import IMAGENET_MEAN, IMAGENET_STD, load_state_dict_strict, load_tokenizer
+from tokenizer import encoder_input, load_dinov2, load_stand_in, load_state_dict_strict, load_tokenizer
+from training import atomic_path, barrier, cleanup_distributed, save_grid, setup_distributed
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{INCEPTION_FILE}"
@@ -481,12 +482,7 @@ def dinov2_features(encoder, images, size=224):
     [0, 1] images (N, 3, H, W): bicubic resize to `size` rounded to a multiple of the
     patch size (224 as in Stein et al. 2023), ImageNet normalisation."""
     size = max(1, round(size / encoder.patch_size)) * encoder.patch_size
-    x = images.float()
-    if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    return encoder.forward_features((x - mean) / std)["x_norm_clstoken"]
+    return encoder.forward_features(encoder_input(2 * images.float() - 1, size))["x_norm_clstoken"]
 
 
 def fd_dinov2(features1, features2):
@@ -499,20 +495,14 @@ def fd_dinov2(features1, features2):
 #################################################################################
 
 def save_npz(path, **arrays):
-    """np.savez written to a temporary name and renamed, so a reader (or a resumed run)
-    never sees half a file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
+    """np.savez written atomically, so a reader (or a resumed run) never sees half a file."""
+    with atomic_path(path) as temporary, open(temporary, "wb") as f:
         np.savez(f, **arrays)
-    os.replace(tmp, path)
 
 
 def save_json(path, data):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_path(path) as temporary, open(temporary, "w") as f:
         json.dump(data, f, indent=2)
-    os.replace(tmp, path)
 
 
 def load_npz(path):
@@ -650,26 +640,6 @@ def report(results, out):
         save_json(out, results)
 
 
-def init_distributed(device):
-    """(rank, world size, device): torch.distributed when launched by torchrun (nccl on
-    GPU, gloo on CPU), one rank otherwise."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device(device)
-    import torch.distributed as dist
-    use_cuda = torch.cuda.is_available() and device != "cpu"
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    if use_cuda:
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local_rank)
-        return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank)
-    return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
-
-
-def barrier(world_size):
-    if world_size > 1:
-        torch.distributed.barrier()
-
-
 def sample_noise(seed, indices, shape):
     """Noise of sample i depends only on (seed, i): any sharding, batch size or resume
     gives the same images."""
@@ -684,8 +654,7 @@ def sample_images(model, tok, indices, args, device):
     shape = (config["in_channels"], config["input_size"], config["input_size"])
     labels = torch.tensor([i % config["num_classes"] for i in indices])   # class-balanced
     x = dit_sample(model, sample_noise(args.seed, indices, shape).to(device), labels.to(device), args)
-    z = x * tok.latent_std.view(1, -1, 1, 1) + tok.latent_mean.view(1, -1, 1, 1)
-    return to_uint8(tok.decode(z)), labels.numpy()
+    return to_uint8(tok.decode(tok.denormalize(x))), labels.numpy()
 
 
 def dit_sample(model, noise, y, args):
@@ -714,7 +683,7 @@ def check_shard_settings(folder, settings, rank, world_size):
 
 
 def cmd_sample(args):
-    rank, world_size, device = init_distributed(args.device)
+    rank, world_size, device = setup_distributed(args.device)
     model, checkpoint = dit.load_dit(args.ckpt, use_ema=True)
     tok_path = args.tokenizer or checkpoint.get("args", {}).get("tokenizer")
     if not tok_path:
@@ -748,16 +717,19 @@ def cmd_sample(args):
                  arr_1=np.concatenate([s["arr_1"] for s in shards]))
         print(f"wrote {args.num} samples to {args.out} (shards kept in {folder})")
     barrier(world_size)
-    if world_size > 1:
-        torch.distributed.destroy_process_group()
+    cleanup_distributed()
 
 
 @torch.no_grad()
 def cmd_recon(args):
     tok = load_tokenizer(args.tokenizer).to(args.device)
     inception = inception_from_args(args, "rFID")
-    if inception is None:
-        print("computing FD_DINOv2 in the tokenizer's own encoder features instead")
+    if inception is None and args.dinov2_weights:
+        fd_encoder, fd_name = load_dinov2(args.dinov2, args.dinov2_weights).to(args.device).eval(), "fd_dinov2"
+    elif inception is None:
+        print(f"computing the Frechet distance in the tokenizer's own (fine-tuned) encoder features instead; "
+              f"pass --dinov2-weights {args.dinov2}_pretrain.pth for FD_DINOv2 proper")
+        fd_encoder, fd_name = tok.encoder, "fd_tokenizer_encoder"
     dataset = data_from_args(args, tok.image_size)
     labels, psnrs, ssims, latents, real, fake = [], [], [], [], [], []
     for images in dataset_batches(dataset, args.batch_size, args.workers, labels):
@@ -773,13 +745,64 @@ def cmd_recon(args):
             real.append(inception(images).cpu())
             fake.append(inception(recon).cpu())
         else:
-            real.append(dinov2_features(tok.encoder, images, args.dinov2_size).cpu())
-            fake.append(dinov2_features(tok.encoder, recon, args.dinov2_size).cpu())
+            real.append(dinov2_features(fd_encoder, images, args.dinov2_size).cpu())
+            fake.append(dinov2_features(fd_encoder, recon, args.dinov2_size).cpu())
     results = {"num_images": len(labels), "psnr": torch.cat(psnrs).mean().item(),
                "ssim": torch.cat(ssims).mean().item()}
     distance = frechet_distance(*statistics(torch.cat(real).numpy()), *statistics(torch.cat(fake).numpy()))
-    results["rfid" if inception is not None else "fd_dinov2_tokenizer_encoder"] = distance
+    results["rfid" if inception is not None else fd_name] = distance
     results["linear_probe"] = linear_probe(torch.cat(latents), labels, args.probe_holdout, args.probe_ridge)
+    report(results, args.out)
+
+
+@torch.no_grad()
+def cmd_report(args):
+    """The embedded demo's summary: reconstruction and sample quality measured in the
+    stage-0 stand-in encoder's features (no Inception or DINOv2 weights needed), the
+    latents' linear probe, and how often the stand-in classifier sees in a sample the
+    class it was conditioned on. Writes metrics.json, recon.png and samples.png."""
+    classifier = load_stand_in(args.stand_in).to(args.device)
+    tok = load_tokenizer(args.tokenizer).to(args.device)
+    dataset = data_from_args(args, tok.image_size)
+    labels, psnrs, ssims, latents, real, recon_features, recon_correct, real_correct = [], [], [], [], [], [], [], []
+    for images in dataset_batches(dataset, args.batch_size, args.workers, labels):
+        images = images.to(args.device)                                   # (N, 3, H, W) in [0, 1]
+        z = tok.encode(2 * images - 1)                                    # (N, C, h, w)
+        recon = torch.round(((tok.decode(z) + 1) / 2).clamp(0, 1) * 255) / 255
+        targets = torch.tensor(labels[-len(images):], device=args.device)
+        psnrs.append(psnr(images, recon).cpu())
+        ssims.append(ssim(images, recon).cpu())
+        latents.append(z.mean(dim=(2, 3)).cpu())
+        for batch, features, correct in ((images, real, real_correct), (recon, recon_features, recon_correct)):
+            features.append(classifier.features(2 * batch - 1).cpu())
+            correct.append((classifier.head(features[-1].to(args.device)).argmax(1) == targets).cpu())
+        if len(psnrs) == 1:
+            save_grid(torch.cat((2 * images[:10] - 1, 2 * recon[:10] - 1)), args.recon_png, nrow=min(10, len(images)))
+    real = torch.cat(real).numpy()
+    results = {"num_images": len(labels), "psnr": torch.cat(psnrs).mean().item(),
+               "ssim": torch.cat(ssims).mean().item(),
+               "fd_stand_in_reconstructions": frechet_distance(*statistics(real),
+                                                               *statistics(torch.cat(recon_features).numpy())),
+               "linear_probe_latents": linear_probe(torch.cat(latents), labels),
+               "stand_in_accuracy_real": torch.cat(real_correct).float().mean().item(),
+               "stand_in_accuracy_reconstructions": torch.cat(recon_correct).float().mean().item()}
+    sample_features, agreement, grid = [], [], {}
+    with np.load(args.samples) as samples:
+        sample_labels = samples["arr_1"]
+    for start, batch in zip(range(0, len(sample_labels), args.batch_size),
+                            npz_image_batches(args.samples, args.batch_size)):
+        images = 2 * to_unit(batch).to(args.device) - 1                   # (N, 3, H, W) in [-1, 1]
+        targets = torch.as_tensor(sample_labels[start:start + len(images)], device=args.device)
+        sample_features.append(classifier.features(images).cpu())
+        agreement.append((classifier.head(sample_features[-1].to(args.device)).argmax(1) == targets).cpu())
+        for image, label in zip(images.cpu(), targets.tolist()):
+            grid.setdefault(label, []).append(image)
+    results["num_samples"] = len(sample_labels)
+    results["fd_stand_in_samples"] = frechet_distance(*statistics(real), *statistics(torch.cat(sample_features).numpy()))
+    results["class_agreement_samples"] = torch.cat(agreement).float().mean().item()
+    columns = min(len(images) for images in grid.values())
+    rows = [torch.stack(grid[label][:min(columns, args.grid_columns)]) for label in sorted(grid)]
+    save_grid(torch.cat(rows), args.samples_png, nrow=len(rows[0]))
     report(results, args.out)
 
 
@@ -841,7 +864,8 @@ def build_parser():
     sample.add_argument("--steps", type=int, default=50, help="model evaluations per sample")
     sample.add_argument("--method", default="euler", choices=("euler", "heun"))
     sample.add_argument("--cfg-scale", type=float, default=1.0)
-    sample.add_argument("--cfg-interval", type=float, default=0.0, help="guide only where t >= this")
+    sample.add_argument("--cfg-interval", type=float, default=0.1,
+                        help="guide only where the shifted t >= this (LightningDiT, 64 epochs: 0.1; 800: 0.125)")
     sample.add_argument("--shift", type=float, default=0.3, help="timestep shift s")
     sample.add_argument("--cfg-channels", type=int, default=None, help="guide only the first N channels (3: released LightningDiT)")
     sample.add_argument("--shard-size", type=int, default=1000, help="samples per resumable shard file")
@@ -854,21 +878,36 @@ def build_parser():
     recon.add_argument("--quantize", action=argparse.BooleanOptionalAction, default=True,
                        help="round reconstructions to 8 bits before the metrics, as saved images would be")
     recon.add_argument("--dinov2-size", type=int, default=224, help="FD_DINOv2 input size (rounded to the patch size)")
+    recon.add_argument("--dinov2", default="dinov2_vitl14", help="FD_DINOv2 encoder architecture (Stein et al.: ViT-L/14)")
+    recon.add_argument("--dinov2-weights", help="official DINOv2 weights for FD_DINOv2 when no Inception weights are "
+                                                "given (default: the tokenizer's own encoder)")
     recon.add_argument("--probe-features", default="mean", choices=("mean", "flatten"),
                        help="linear probe on spatially averaged or flattened latents")
     recon.add_argument("--probe-holdout", type=float, default=0.2, help="held-out fraction for the probe")
     recon.add_argument("--probe-ridge", type=float, default=1e-3, help="ridge strength of the probe")
+
+    summary = commands.add_parser("report", help="the embedded demo's metrics.json, recon.png and samples.png, "
+                                                 "measured with the stage-0 stand-in encoder")
+    add_common(summary)
+    add_data(summary)
+    summary.add_argument("--stand-in", required=True, help="stage-0 checkpoint (stand-in encoder + classifier)")
+    summary.add_argument("--tokenizer", required=True, help="tokenizer checkpoint")
+    summary.add_argument("--samples", required=True, help="samples.npz of the sample command (arr_0, arr_1)")
+    summary.add_argument("--recon-png", required=True, help="where to write originals over reconstructions")
+    summary.add_argument("--samples-png", required=True, help="where to write the samples, one row per class")
+    summary.add_argument("--grid-columns", type=int, default=10, help="samples per class in samples.png")
     return parser
 
 
-COMMANDS = {"stats": cmd_stats, "metrics": cmd_metrics, "sample": cmd_sample, "recon": cmd_recon}
+COMMANDS = {"stats": cmd_stats, "metrics": cmd_metrics, "sample": cmd_sample, "recon": cmd_recon,
+            "report": cmd_report}
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.command in ("stats", "sample") and not args.out:
         raise SystemExit(f"{args.command}: pass --out PATH")
-    if args.command != "sample" and not args.allow_tf32:
+    if args.command != "sample" and not getattr(args, "allow_tf32", False):
         # TF32 rounds convolution inputs to 10-bit mantissas; keep the features exact
         # float32 so that the numbers compare with pytorch-fid's and ADM's.
         torch.backends.cudnn.allow_tf32 = False

@@ -77,6 +77,16 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def encoder_input(images, size):
+    """Images in [-1, 1] (N, 3, H, W) as a DINOv2 expects them: resized to size x size
+    (bicubic, antialias) when needed, then normalised with the ImageNet mean and std."""
+    if images.shape[-2:] != (size, size):
+        images = F.interpolate(images, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    return ((images + 1) / 2 - mean) / std
+
+
 class Mlp(nn.Module):
     def __init__(self, dim, hidden):
         super().__init__()
@@ -87,18 +97,18 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-class SwiGLUFused(nn.Module):
-    """The giant model's MLP: one fused input projection w12 split into gate and value."""
+class SwiGLU(nn.Module):
+    """SwiGLU MLP with one fused input projection (w12) split into gate and value; the
+    giant DINOv2's MLP and LightningDiT's."""
 
     def __init__(self, dim, hidden):
         super().__init__()
-        hidden = (int(hidden * 2 / 3) + 7) // 8 * 8   # official rounding: 6144 -> 4096
         self.w12 = nn.Linear(dim, 2 * hidden)
         self.w3 = nn.Linear(hidden, dim)
 
     def forward(self, x):
-        gate, value = self.w12(x).chunk(2, dim=-1)
-        return self.w3(F.silu(gate) * value)
+        gate, value = self.w12(x).chunk(2, dim=-1)                  # each (N, T, hidden)
+        return self.w3(F.silu(gate) * value)                        # (N, T, D)
 
 
 class LayerScale(nn.Module):
@@ -117,7 +127,8 @@ class ViTBlock(nn.Module):
         self.attn = Attention(dim, num_heads, qkv_bias=True)
         self.ls1 = LayerScale(dim)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = SwiGLUFused(dim, 4 * dim) if ffn == "swiglu" else Mlp(dim, 4 * dim)
+        # The official SwiGLU keeps 2/3 of the 4x hidden width, rounded up to a multiple of 8.
+        self.mlp = SwiGLU(dim, (int(4 * dim * 2 / 3) + 7) // 8 * 8) if ffn == "swiglu" else Mlp(dim, 4 * dim)
         self.ls2 = LayerScale(dim)
 
     def forward(self, x):
@@ -127,9 +138,11 @@ class ViTBlock(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    def __init__(self, patch_size, dim):
+    """Non-overlapping patches to tokens (DINOv2's image patches, the DiT's latent patches)."""
+
+    def __init__(self, patch_size, in_channels, dim):
         super().__init__()
-        self.proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x):
         return self.proj(x).flatten(2).transpose(1, 2)           # (N, h*w, D)
@@ -156,12 +169,14 @@ class DINOv2(nn.Module):
         self.interpolate_offset = 0.0 if num_register_tokens else 0.1
         self.interpolate_antialias = bool(num_register_tokens)
         grid = img_size // patch_size
-        self.patch_embed = PatchEmbed(patch_size, embed_dim)
+        self.patch_embed = PatchEmbed(patch_size, 3, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, embed_dim))
         if num_register_tokens:
             self.register_tokens = nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim))
-        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))  # unused; kept for the official keys
+        # Used only by DINOv2's masked pretraining; kept so official files load strictly, and
+        # frozen so that DDP does not wait for a gradient it never gets.
+        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim), requires_grad=False)
         self.blocks = nn.ModuleList([ViTBlock(embed_dim, num_heads, ffn) for _ in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.initialize_weights()
@@ -467,8 +482,8 @@ class Decoder(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        # PyTorch's default conv init, as LDM; only the attention's linear layers are set
-        # here, since Attention leaves them at the PyTorch default as well.
+        # Convolutions and the attention's linear layers keep PyTorch's default init, as in
+        # LDM; GroupNorm starts as the identity.
         for module in self.modules():
             if isinstance(module, nn.GroupNorm):
                 nn.init.ones_(module.weight)
@@ -525,18 +540,12 @@ class AlignTok(nn.Module):
                              f"the decoder multipliers or encoder_size")
         self.adapter = Adapter(self.encoder.embed_dim, latent_channels, adapter_hidden)
         self.decoder = Decoder(latent_channels, decoder_width, decoder_multipliers, decoder_res_blocks)
-        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("latent_mean", torch.zeros(latent_channels))
         self.register_buffer("latent_std", torch.ones(latent_channels))
 
     def encoder_tokens(self, images):
         """DINOv2's final-LayerNorm patch tokens (N, h*w, D) of images in [-1, 1]."""
-        x = images
-        if x.shape[-1] != self.encoder_size or x.shape[-2] != self.encoder_size:
-            x = F.interpolate(x, size=(self.encoder_size, self.encoder_size), mode="bicubic",
-                              antialias=True, align_corners=False)
-        x = ((x + 1) / 2 - self.pixel_mean) / self.pixel_std        # ImageNet normalisation
+        x = encoder_input(images, self.encoder_size)                  # (N, 3, S, S)
         return self.encoder.forward_features(x)["x_norm_patchtokens"]
 
     def encode(self, images):
@@ -553,6 +562,7 @@ class AlignTok(nn.Module):
         return self.decoder(z), z, tokens
 
     def normalize(self, z):
+        """(N, C, h, w) latents to the per-channel standardised ones the DiT trains on."""
         return (z - self.latent_mean.view(1, -1, 1, 1)) / self.latent_std.view(1, -1, 1, 1)
 
     def denormalize(self, z):
@@ -584,23 +594,17 @@ class EncoderClassifier(nn.Module):
     encoder carries semantics on CPU runs; it stands in for the pretrained DINOv2, and
     its classifier later judges whether generated samples show their class."""
 
-    def __init__(self, encoder_name, encoder_config, num_classes, encoder_size):
+    def __init__(self, encoder_config, num_classes, encoder_size):
         super().__init__()
-        self.encoder_name, self.encoder_size = encoder_name, encoder_size
+        self.encoder_size = encoder_size
         self.encoder = DINOv2(**encoder_config)
         self.head = nn.Linear(2 * self.encoder.embed_dim, num_classes)
-        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
     def features(self, images):
         """[CLS, mean patch token] (N, 2D) of images in [-1, 1]."""
-        x = images
-        if x.shape[-1] != self.encoder_size or x.shape[-2] != self.encoder_size:
-            x = F.interpolate(x, size=(self.encoder_size, self.encoder_size), mode="bicubic",
-                              antialias=True, align_corners=False)
-        out = self.encoder.forward_features(((x + 1) / 2 - self.pixel_mean) / self.pixel_std)
+        out = self.encoder.forward_features(encoder_input(images, self.encoder_size))
         return torch.cat((out["x_norm_clstoken"], out["x_norm_patchtokens"].mean(1)), dim=1)
 
     def forward(self, images):
@@ -614,7 +618,6 @@ def load_stand_in(path, map_location="cpu"):
     checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     if checkpoint.get("stage") != 0:
         raise ValueError(f"{path} is not a stage-0 checkpoint (it has no stand-in encoder classifier)")
-    model = EncoderClassifier(checkpoint["encoder_name"], checkpoint["encoder_config"],
-                              checkpoint["num_classes"], checkpoint["encoder_size"])
+    model = EncoderClassifier(checkpoint["encoder_config"], checkpoint["num_classes"], checkpoint["encoder_size"])
     load_state_dict_strict(model, checkpoint["ema"], path)
     return model.eval()

@@ -1,4 +1,4 @@
-"""
+r"""
 Trains LightningDiT, the class-conditional flow model (REFERENCE.md section 4), on the
 latents of a trained AlignTok tokenizer (arXiv 2509.25162).
 
@@ -35,19 +35,14 @@ from tqdm import tqdm
 from data import StepBatchSampler, build_dataset
 from dit import DIT_NAMES, create_model, drop_labels, flow_loss, sample
 from tokenizer import load_state_dict_strict, load_tokenizer
-from training import (all_reduce_mean, autocast, cleanup_distributed, ema_decay, load_checkpoint, log_metrics,
-                      rng_state, save_checkpoint, save_grid, set_rng_state, setup_distributed, unwrap,
-                      update_ema)
+from training import (all_reduce_mean, atomic_path, autocast, barrier, check_resumable, cleanup_distributed,
+                      ema_decay, gather_rng_states, load_checkpoint, log_metrics, save_checkpoint, save_grid,
+                      set_rng_state, setup_distributed, trim_metrics, unwrap, update_ema)
 
 
 #################################################################################
 #                                 Latent cache                                  #
 #################################################################################
-
-def barrier(world_size):
-    if world_size > 1:
-        torch.distributed.barrier()
-
 
 def tokenizer_fingerprint(tokenizer):
     """sha256 of everything encode() depends on: the config without the decoder fields and
@@ -143,7 +138,10 @@ def cache_latents(tokenizer, dataset, args, rank, world_size, device, expected_k
         raise SystemExit(f"error: the checkpoint in {args.out} was trained on other latents (key {expected_key}, "
                          f"this command gives {key}); resume with the run's own --tokenizer and data flags "
                          f"(they are in the checkpoint's args)")
-    if read_cache_header(path, fingerprint, shape) is not None:
+    found = [read_cache_header(path, fingerprint, shape) is not None]
+    if world_size > 1:  # rank 0 decides, so that no rank skips the barriers the others wait at
+        torch.distributed.broadcast_object_list(found, src=0)
+    if found[0]:
         if rank == 0:
             print(f"latent cache: reusing {path}")
         return path, key
@@ -179,10 +177,8 @@ def cache_latents(tokenizer, dataset, args, rank, world_size, device, expected_k
         header = dict(fingerprint=fingerprint, shape=list(shape), tokenizer_path=os.path.abspath(args.tokenizer),
                       data_path=args.data if args.data == "synthetic" else os.path.abspath(args.data),
                       layout="(N, 2, C, h, w): [:, 0] image i, [:, 1] its horizontal flip; raw z, not normalised")
-        temporary = path.removesuffix(".npy") + f".json.tmp{os.getpid()}"
-        with open(temporary, "w") as f:
+        with atomic_path(path.removesuffix(".npy") + ".json") as temporary, open(temporary, "w") as f:
             json.dump(header, f, indent=1)
-        os.replace(temporary, path.removesuffix(".npy") + ".json")
         print(f"latent cache: wrote {path}")
     barrier(world_size)
     return path, key
@@ -228,18 +224,6 @@ def build_model(args, latent_shape, num_classes):
         raise SystemExit(f"error: {error}") from None
 
 
-def trim_metrics(path, step):
-    """Drops the records logged after `step` (by a run that stopped before its next checkpoint),
-    so that a resumed run's metrics.jsonl reads as if it had never stopped."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
-    os.replace(path + ".tmp", path)
-
-
 @torch.no_grad()
 def save_samples(ema, tokenizer, noise, labels, args, path):
     """One row per class of EMA samples from fixed noise, decoded by the tokenizer."""
@@ -268,6 +252,7 @@ def main(args):
         resume = load_checkpoint(checkpoint_path)
         if not {"model_config", "latents"} <= set(resume):
             raise SystemExit(f"error: {checkpoint_path} is not a train_diffusion.py checkpoint; choose another --out")
+        check_resumable(resume, world_size, args.batch_size, checkpoint_path)
     tokenizer = read_tokenizer(args.tokenizer).to(device)
 
     # ---- data: the latent cache ---------------------------------------------------
@@ -313,15 +298,11 @@ def main(args):
         os.makedirs(args.out, exist_ok=True)
         trim_metrics(metrics_path, step)
     if resume is not None:   # last: building the loader above draws its base seed from the RNG
-        set_rng_state(resume["rng"][rank] if rank < len(resume["rng"]) else resume["rng"][0])
+        set_rng_state(resume["rng"][rank])
 
     # ---- checkpoint --------------------------------------------------------------
     def write_checkpoint():
-        gathered = [None] * world_size
-        if world_size > 1:
-            torch.distributed.all_gather_object(gathered, rng_state())
-        else:
-            gathered = [rng_state()]
+        gathered = gather_rng_states(world_size)
         if rank == 0:
             save_checkpoint({"model_config": unwrap(model).config, "model": unwrap(model).state_dict(),
                              "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "step": step,

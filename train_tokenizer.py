@@ -1,4 +1,4 @@
-"""
+r"""
 Trains the AlignTok tokenizer in the paper's three stages (arXiv 2509.25162):
 
     stage 1: adapter + decoder learn to reconstruct; DINOv2 frozen          (L_rec)
@@ -11,7 +11,8 @@ DINOv2-architecture encoder on the data set's labels to stand in for DINOv2.
 Launch (one GPU: python train_tokenizer.py ...; several: torchrun):
 
     torchrun --nproc_per_node=8 train_tokenizer.py --stage 1 --data /data/imagenet/train \
-        --encoder dinov2_vitl14 --encoder-weights dinov2_vitl14_pretrain.pth --out runs/stage1
+        --image-size 256 --encoder dinov2_vitl14 --encoder-weights dinov2_vitl14_pretrain.pth \
+        --encoder-size 224 --out runs/stage1
     torchrun --nproc_per_node=8 train_tokenizer.py --stage 2 --data /data/imagenet/train \
         --init runs/stage1/checkpoint.pt --out runs/stage2
     torchrun --nproc_per_node=8 train_tokenizer.py --stage 3 --data /data/imagenet/train \
@@ -22,7 +23,6 @@ metrics.jsonl and recon.png (originals over reconstructions).
 """
 import argparse
 import copy
-import math
 import os
 import time
 
@@ -32,23 +32,19 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import StepBatchSampler, build_dataset
+from evaluate import psnr
 from losses import (PatchDiscriminator, adaptive_weight, generator_loss, hinge_d_loss, load_lpips,
                     semantic_preservation_loss)
-from tokenizer import AlignTok, EncoderClassifier, load_dinov2, load_state_dict_strict, read_dinov2_weights
-from training import (all_reduce_mean, autocast, cleanup_distributed, ema_decay, load_checkpoint, log_metrics,
-                      rng_state, save_checkpoint, save_grid, set_rng_state, setup_distributed, unwrap,
-                      update_ema)
+from tokenizer import AlignTok, EncoderClassifier, load_dinov2, load_stand_in, load_state_dict_strict, \
+    read_dinov2_weights
+from training import (all_reduce_mean, autocast, check_resumable, cleanup_distributed, ema_decay,
+                      gather_rng_states, load_checkpoint, log_metrics, save_checkpoint, save_grid, set_rng_state,
+                      setup_distributed, trim_metrics, unwrap, update_ema)
 
 
 #################################################################################
-#                                Helpers                                        #
+#                                Models per stage                               #
 #################################################################################
-
-def psnr(x, y):
-    """PSNR in dB of images in [-1, 1] (peak-to-peak 2), averaged over the batch."""
-    mse = ((x.float() - y.float()) ** 2).flatten(1).mean(1)
-    return (10 * torch.log10(4.0 / mse.clamp_min(1e-10))).mean().item()
-
 
 def encoder_overrides(args):
     """Architecture overrides of the encoder given on the command line."""
@@ -62,35 +58,39 @@ def read_init(args):
     if args.init is None:
         raise SystemExit(f"error: stage {args.stage} needs --init pointing at the stage-{args.stage - 1} "
                          f"checkpoint (runs/.../checkpoint.pt of the previous stage)")
-    checkpoint = load_checkpoint(args.init, f"--init checkpoint")
+    checkpoint = load_checkpoint(args.init, "--init checkpoint")
     if checkpoint.get("stage") != args.stage - 1:
         raise SystemExit(f"error: stage {args.stage} must start from a stage-{args.stage - 1} checkpoint, but "
                          f"{args.init} is from stage {checkpoint.get('stage')}; run the stages in order 1, 2, 3")
     return checkpoint
 
 
-def build_tokenizer(args):
-    """Stage 1: a new AlignTok around the pretrained encoder (official DINOv2 weights or a
-    stage-0 stand-in). Stages 2 and 3: the previous stage's tokenizer (its EMA weights)."""
-    if args.stage > 1:
-        checkpoint = read_init(args)
-        tokenizer = AlignTok(**checkpoint["tokenizer_config"])
-        load_state_dict_strict(tokenizer, checkpoint["ema"], args.init)
-        return tokenizer
-    if args.encoder_weights is None:
+def pretrained_encoder(args):
+    """(architecture overrides, state dict) of stage 1's encoder: official DINOv2 weights,
+    a Hugging Face file, our stage-0 stand-in (which carries its own architecture), or
+    'random' (an untrained encoder, for ablations and tests)."""
+    path = args.encoder_weights
+    if path is None:
         raise SystemExit("error: stage 1 needs --encoder-weights: an official dinov2_*_pretrain.pth, a Hugging "
                          "Face model.safetensors, a stage-0 checkpoint, or 'random' for an untrained encoder")
-    overrides, state = encoder_overrides(args), None
-    if args.encoder_weights != "random":
-        if not os.path.isfile(args.encoder_weights):
-            raise SystemExit(f"error: --encoder-weights file not found: {args.encoder_weights}")
-        checkpoint = torch.load(args.encoder_weights, map_location="cpu", weights_only=True)
-        if checkpoint.get("stage") == 0:  # our stand-in carries its own architecture
-            overrides = checkpoint["encoder_config"]
-            state = {k.removeprefix("encoder."): v for k, v in checkpoint["ema"].items()
-                     if k.startswith("encoder.")}
-        else:
-            state = read_dinov2_weights(args.encoder_weights)
+    if path == "random":
+        return encoder_overrides(args), None
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --encoder-weights file not found: {path}")
+    if not path.endswith(".safetensors") and torch.load(path, map_location="cpu", weights_only=True).get("stage") == 0:
+        encoder = load_stand_in(path).encoder
+        return encoder.config, encoder.state_dict()
+    return encoder_overrides(args), read_dinov2_weights(path)
+
+
+def build_tokenizer(args, init):
+    """Stage 1: a new AlignTok around the pretrained encoder. Stages 2 and 3: the previous
+    stage's tokenizer with its EMA weights."""
+    if init is not None:
+        tokenizer = AlignTok(**init["tokenizer_config"])
+        load_state_dict_strict(tokenizer, init["ema"], args.init)
+        return tokenizer
+    overrides, state = pretrained_encoder(args)
     tokenizer = AlignTok(args.encoder, overrides, args.latent_channels, args.adapter_hidden, args.decoder_width,
                          args.decoder_multipliers, args.decoder_res_blocks, args.image_size, args.encoder_size)
     if state is not None:
@@ -101,15 +101,10 @@ def build_tokenizer(args):
 def set_trainable(tokenizer, stage):
     """Which parts learn in each stage (the paper's table)."""
     tokenizer.requires_grad_(False)
-    if stage == 1:
-        tokenizer.adapter.requires_grad_(True)
-        tokenizer.decoder.requires_grad_(True)
-    elif stage == 2:
-        tokenizer.encoder.requires_grad_(True)
-        tokenizer.adapter.requires_grad_(True)
-        tokenizer.decoder.requires_grad_(True)
-    else:
-        tokenizer.decoder.requires_grad_(True)
+    trainable = {1: ("adapter", "decoder"), 2: ("encoder", "adapter", "decoder"), 3: ("decoder",)}[stage]
+    for name in trainable:
+        getattr(tokenizer, name).requires_grad_(True)
+    tokenizer.encoder.mask_token.requires_grad_(False)   # unused outside DINOv2's own pretraining
 
 
 def frozen_reference(tokenizer):
@@ -120,17 +115,17 @@ def frozen_reference(tokenizer):
 
 
 @torch.no_grad()
-def compute_latent_statistics(tokenizer, dataset, max_images, batch_size, rank, world_size, device):
-    """Per-channel mean and unbiased std of z over up to max_images unflipped training
-    images, sharded across ranks and summed."""
-    count = min(max_images, len(dataset))
-    channels = tokenizer.latent_mean.numel()
-    sums = torch.zeros(3, channels, dtype=torch.float64, device=device)  # n, sum, sum of squares
-    indices = list(range(rank, count, world_size))
-    for start in range(0, len(indices), batch_size):
-        images = torch.stack([dataset[i][0] for i in indices[start:start + batch_size]]).to(device)
+def compute_latent_statistics(tokenizer, dataset, args, rank, world_size, device):
+    """Per-channel mean and unbiased std of z over a seeded random subset of up to
+    --stats-images unflipped training images, sharded across ranks and summed."""
+    count = min(args.stats_images, len(dataset))
+    chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))[:count]
+    subset = torch.utils.data.Subset(dataset, chosen[rank::world_size].tolist())
+    loader = torch.utils.data.DataLoader(subset, batch_size=args.batch_size, num_workers=args.workers)
+    sums = torch.zeros(3, tokenizer.latent_mean.numel(), dtype=torch.float64, device=device)  # n, sum, squares
+    for images, _ in tqdm(loader, desc="latent statistics", disable=rank != 0, dynamic_ncols=True):
         with autocast(device):
-            z = tokenizer.encode(images).double()                   # (N, C, h, w)
+            z = tokenizer.encode(images.to(device)).double()       # (N, C, h, w)
         z = z.transpose(0, 1).flatten(1)                           # (C, N*h*w)
         sums += torch.stack((torch.full_like(z[:, 0], z.shape[1]), z.sum(1), (z ** 2).sum(1)))
     if world_size > 1:
@@ -138,8 +133,50 @@ def compute_latent_statistics(tokenizer, dataset, max_images, batch_size, rank, 
     n, total, squares = sums
     mean = total / n
     std = ((squares - n * mean ** 2) / (n - 1)).clamp_min(1e-12).sqrt()
-    tokenizer.latent_mean.copy_(mean.float())
-    tokenizer.latent_std.copy_(std.float())
+    return mean.float(), std.float()
+
+
+#################################################################################
+#                               One training step                               #
+#################################################################################
+
+def tokenizer_loss(args, step, train_model, model, images, perceptual, reference, discriminator):
+    """L_rec (+ w_sp * L_sp in stage 2) for the tokenizer; returns the loss, the
+    reconstruction and a dict of the terms for logging."""
+    reconstruction, z, tokens = train_model(images)
+    reconstruction = reconstruction.float()
+    logs = {"l1": (reconstruction - images).abs().mean()}
+    loss = logs["l1"]
+    if perceptual is not None:
+        logs["perceptual"] = perceptual(reconstruction, images).mean()
+        loss = loss + args.perceptual_weight * logs["perceptual"]
+    if reference is not None:
+        with torch.no_grad():
+            reference_tokens = reference.encoder_tokens(images)                  # (N, h*w, D)
+            reference_z = reference.adapter(reference_tokens, reference.grid_size)  # (N, C, h, w)
+        if args.sp_placement == "latent":
+            logs["sp"] = semantic_preservation_loss(z, reference_z, args.sp_loss)
+        else:  # the paper's ablation: preserve the encoder features before the adapter, as (N, D, h*w, 1)
+            logs["sp"] = semantic_preservation_loss(tokens.transpose(1, 2).unsqueeze(-1),
+                                                    reference_tokens.transpose(1, 2).unsqueeze(-1), args.sp_loss)
+        loss = loss + args.sp_weight * logs["sp"]
+    if discriminator is not None and step >= args.disc_start:
+        # The generator's GAN term goes through the bare discriminator with its weights frozen:
+        # only the discriminator's own step below updates it, through DDP.
+        critic = unwrap(discriminator).requires_grad_(False)
+        logs["gan"] = generator_loss(critic(reconstruction))
+        logs["lambda"] = adaptive_weight(loss, logs["gan"], model.decoder.last_layer)
+        loss = loss + args.disc_weight * logs["lambda"] * logs["gan"]
+        critic.requires_grad_(True)
+    return loss, reconstruction, logs
+
+
+def discriminator_loss(discriminator, images, reconstruction):
+    """Hinge loss of one discriminator call on real and reconstructed images together
+    (one forward per step, as DDP expects)."""
+    logits = discriminator(torch.cat((images, reconstruction.detach())))
+    logits_real, logits_fake = logits.chunk(2)
+    return hinge_d_loss(logits_real, logits_fake)
 
 
 #################################################################################
@@ -149,49 +186,48 @@ def compute_latent_statistics(tokenizer, dataset, max_images, batch_size, rank, 
 def main(args):
     # ---- setup -----------------------------------------------------------------
     rank, world_size, device = setup_distributed()
-    if args.stage not in (0, 1, 2, 3):
-        raise SystemExit(f"error: --stage must be 0, 1, 2 or 3, not {args.stage}")
     checkpoint_path = os.path.join(args.out, "checkpoint.pt")
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
     resume = None
     if os.path.exists(checkpoint_path):
         if not args.resume:
             raise SystemExit(f"error: {checkpoint_path} exists; pass --resume to continue that run or choose "
                              f"another --out (nothing was overwritten)")
         resume = load_checkpoint(checkpoint_path)
-        if resume["stage"] != args.stage:
-            raise SystemExit(f"error: {checkpoint_path} is a stage-{resume['stage']} run, not stage {args.stage}")
+        if resume.get("stage") != args.stage:
+            raise SystemExit(f"error: {checkpoint_path} is a stage-{resume.get('stage')} run, not stage {args.stage}")
+        check_resumable(resume, world_size, args.batch_size, checkpoint_path)
+    init = read_init(args) if args.stage > 1 else None
     torch.manual_seed(args.seed + rank)
-    if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
 
     # ---- data --------------------------------------------------------------------
-    dataset = build_dataset(args.data, args.image_size, "train", args.num_images, args.seed)
-    preview = torch.stack([build_dataset(args.data, args.image_size, "val", 8, args.seed)[i][0]
-                           for i in range(8)]).to(device) if args.data == "synthetic" else \
-        torch.stack([dataset[i * (len(dataset) // 8)][0] for i in range(8)]).to(device)
+    image_size = init["tokenizer_config"]["image_size"] if init is not None else args.image_size
+    dataset = build_dataset(args.data, image_size, "train", args.num_images, args.seed)
+    preview_set = build_dataset(args.data, image_size, "val", 8, args.seed) if args.data == "synthetic" else dataset
+    preview = torch.stack([preview_set[i * (len(preview_set) // 8)][0] for i in range(8)]).to(device)
 
     # ---- model -------------------------------------------------------------------
     if args.stage == 0:
-        model = EncoderClassifier(args.encoder, load_dinov2(args.encoder, **encoder_overrides(args)).config,
-                                  len(dataset.classes), args.encoder_size)
-        groups = [{"params": list(model.parameters()), "lr": args.lr}]
+        encoder_config = load_dinov2(args.encoder, **encoder_overrides(args)).config
+        model = EncoderClassifier(encoder_config, len(dataset.classes), args.encoder_size)
+        model.encoder.mask_token.requires_grad_(False)
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": args.lr}]
         reference = None
     else:
-        model = build_tokenizer(args)
+        model = build_tokenizer(args, init)
         reference = frozen_reference(model).to(device) if args.stage == 2 else None
         set_trainable(model, args.stage)
         encoder_params = [p for p in model.encoder.parameters() if p.requires_grad]
         other_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("encoder.")]
-        groups = [{"params": other_params, "lr": args.lr}]
-        if encoder_params:
-            groups.append({"params": encoder_params, "lr": args.encoder_lr})
+        groups = [{"params": other_params, "lr": args.lr}] + \
+            ([{"params": encoder_params, "lr": args.encoder_lr}] if encoder_params else [])
+    del init
     model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     optimizer = torch.optim.AdamW(groups, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
     use_gan = args.stage > 0 and args.disc_weight > 0 and args.disc_start < args.steps
     discriminator = PatchDiscriminator(norm=args.disc_norm).to(device) if use_gan else None
-    disc_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=args.disc_lr, betas=(0.5, 0.9),
+    disc_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=args.disc_lr, betas=tuple(args.disc_betas),
                                        weight_decay=0.0) if use_gan else None
     perceptual = None
     if args.stage > 0 and args.perceptual_weight > 0:
@@ -203,42 +239,40 @@ def main(args):
 
     step = 0
     if resume is not None:
-        unwrap(model).load_state_dict(resume["model"])
-        ema.load_state_dict(resume["ema"])
+        load_state_dict_strict(model, resume["model"], checkpoint_path)
+        load_state_dict_strict(ema, resume["ema"], checkpoint_path)
         optimizer.load_state_dict(resume["optimizer"])
         if use_gan:
-            discriminator.load_state_dict(resume["discriminator"])
+            load_state_dict_strict(discriminator, resume["discriminator"], checkpoint_path)
             disc_optimizer.load_state_dict(resume["disc_optimizer"])
         step = resume["step"]
     train_model = torch.compile(model) if args.compile else model
     if world_size > 1:
-        train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
-        if use_gan:
-            discriminator = DDP(discriminator, device_ids=[device.index] if device.type == "cuda" else None)
-
+        device_ids = [device.index] if device.type == "cuda" else None
+        train_model = DDP(train_model, device_ids=device_ids)
+        discriminator = DDP(discriminator, device_ids=device_ids) if use_gan else None
     sampler = StepBatchSampler(len(dataset), args.batch_size, rank, world_size, args.seed, start_step=step)
     loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
                                               pin_memory=device.type == "cuda",
                                               persistent_workers=args.workers > 0))
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        trim_metrics(metrics_path, step)
     if resume is not None:  # last: building the loader iterator draws from the global RNG
         set_rng_state(resume["rng"][rank])
 
     # ---- checkpoint --------------------------------------------------------------
     def write_checkpoint():
-        gathered = [None] * world_size
-        if world_size > 1:
-            torch.distributed.all_gather_object(gathered, rng_state())
-        else:
-            gathered = [rng_state()]
+        states = gather_rng_states(world_size)
         if rank != 0:
             return
-        state = {"stage": args.stage, "step": step, "args": vars(args), "model": unwrap(model).state_dict(),
-                 "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "rng": gathered}
+        state = {"stage": args.stage, "step": step, "args": vars(args), "model": model.state_dict(),
+                 "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "rng": states}
         if args.stage == 0:
             state.update(encoder_name=args.encoder, encoder_config=model.encoder.config,
                          num_classes=len(dataset.classes), encoder_size=args.encoder_size)
         else:
-            state["tokenizer_config"] = unwrap(model).config
+            state["tokenizer_config"] = model.config
         if use_gan:
             state.update(discriminator=unwrap(discriminator).state_dict(), disc_optimizer=disc_optimizer.state_dict())
         save_checkpoint(state, checkpoint_path)
@@ -250,57 +284,36 @@ def main(args):
     while step < args.steps:
         images, labels = next(loader)
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        flip = torch.rand(images.shape[0], device=device) < 0.5       # random horizontal flip
-        images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
-        logs = {}
+        if args.hflip:
+            flip = torch.rand(images.shape[0], device=device) < 0.5
+            images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
         with autocast(device):
             if args.stage == 0:
                 logits = train_model(images)
-                loss = F.cross_entropy(logits, labels)
-                logs.update(accuracy=(logits.argmax(1) == labels).float().mean().item())
+                loss = F.cross_entropy(logits.float(), labels)
+                logs = {"accuracy": (logits.argmax(1) == labels).float().mean()}
             else:
-                reconstruction, z, tokens = train_model(images)
-                loss = logs["l1"] = (reconstruction.float() - images).abs().mean()
-                if perceptual is not None:
-                    logs["perceptual"] = perceptual(reconstruction.float(), images).mean()
-                    loss = loss + args.perceptual_weight * logs["perceptual"]
-                if reference is not None:
-                    with torch.no_grad():
-                        reference_tokens = reference.encoder_tokens(images)
-                        reference_z = reference.adapter(reference_tokens, reference.grid_size)
-                    if args.sp_placement == "latent":
-                        logs["sp"] = semantic_preservation_loss(z, reference_z, args.sp_loss)
-                    else:  # the paper's ablation: preserve the encoder features before the adapter
-                        as_map = lambda t: t.transpose(1, 2).unsqueeze(-1)   # (N, D, h*w, 1)
-                        logs["sp"] = semantic_preservation_loss(as_map(tokens), as_map(reference_tokens), args.sp_loss)
-                    loss = loss + args.sp_weight * logs["sp"]
-                if use_gan and step >= args.disc_start:
-                    unwrap(discriminator).requires_grad_(False)
-                    logs["gan"] = generator_loss(unwrap(discriminator)(reconstruction))
-                    logs["lambda"] = adaptive_weight(loss, logs["gan"], unwrap(model).decoder.last_layer)
-                    loss = loss + args.disc_weight * logs["lambda"] * logs["gan"]
-                    unwrap(discriminator).requires_grad_(True)
+                loss, reconstruction, logs = tokenizer_loss(args, step, train_model, model, images, perceptual,
+                                                            reference, discriminator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(
-            [p for g in groups for p in g["params"]], args.grad_clip).item()
+        logs["grad_norm"] = torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], args.grad_clip)
         optimizer.step()
-        update_ema(ema, unwrap(model), ema_decay(step, args.ema_decay, args.ema_warmup))
+        update_ema(ema, model, ema_decay(step, args.ema_decay, args.ema_warmup))
         if use_gan and step >= args.disc_start:
             with autocast(device):
-                d_loss = hinge_d_loss(discriminator(images), discriminator(reconstruction.detach()))
+                logs["d_loss"] = discriminator_loss(discriminator, images, reconstruction)
             disc_optimizer.zero_grad(set_to_none=True)
-            d_loss.backward()
+            logs["d_loss"].backward()
             disc_optimizer.step()
-            logs["d_loss"] = d_loss
         if args.stage > 0:
-            logs["psnr"] = psnr(reconstruction.detach().clamp(-1, 1), images)
+            logs["psnr"] = psnr((reconstruction.detach().clamp(-1, 1) + 1) / 2, (images + 1) / 2).mean()
         logs["loss"] = loss
         step += 1
         progress.update(1)
 
         if step % args.log_every == 0 or step == args.steps:
-            record = {k: all_reduce_mean(v.item() if torch.is_tensor(v) else v, world_size) for k, v in logs.items()}
+            record = {k: all_reduce_mean(v.item(), world_size) for k, v in logs.items()}
             record.update(stage=args.stage, step=step, sec_per_step=(time.time() - log_start) / args.log_every)
             log_start, last_logged = time.time(), record
             if rank == 0:
@@ -316,7 +329,10 @@ def main(args):
 
     # ---- latent statistics (after stages 2 and 3) and the final checkpoint ---------
     if args.stage in (2, 3):
-        compute_latent_statistics(ema, dataset, args.stats_images, args.batch_size, rank, world_size, device)
+        mean, std = compute_latent_statistics(ema, dataset, args, rank, world_size, device)
+        for tokenizer in (ema, model):
+            tokenizer.latent_mean.copy_(mean)
+            tokenizer.latent_std.copy_(std)
     write_checkpoint()
     if rank == 0:
         summary = ", ".join(f"{k} {v:.4g}" for k, v in last_logged.items() if k in ("loss", "psnr", "accuracy", "sp"))
@@ -343,6 +359,8 @@ def parse_args(argv=None):
     data.add_argument("--num-images", type=int, default=10000, help="size of the synthetic training set")
     data.add_argument("--batch-size", type=int, default=32, help="per process (GPU)")
     data.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    data.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True,
+                      help="random horizontal flips of the training images (our choice)")
     model = parser.add_argument_group("model (stages 0 and 1; later stages take it from --init)")
     model.add_argument("--encoder", default="dinov2_vits14", help="DINOv2 architecture name (ImageNet: dinov2_vitl14)")
     model.add_argument("--encoder-weights", help="official DINOv2 .pth, HF model.safetensors, a stage-0 "
@@ -375,7 +393,10 @@ def parse_args(argv=None):
     loss.add_argument("--disc-weight", type=float, default=0.5, help="generator GAN weight times lambda_adapt; 0 = off")
     loss.add_argument("--disc-start", type=int, default=20000, help="step at which the GAN starts (our choice)")
     loss.add_argument("--disc-lr", type=float, default=1e-4)
-    loss.add_argument("--disc-norm", default="batch", choices=["batch", "group", "none"])
+    loss.add_argument("--disc-betas", type=float, nargs=2, default=[0.5, 0.9], help="discriminator AdamW betas (LDM)")
+    loss.add_argument("--disc-norm", default="group", choices=["batch", "group", "none"],
+                      help="our choice: group (no batch statistics, so DDP ranks and the real/fake halves do "
+                           "not mix); batch is LDM's")
     loss.add_argument("--sp-weight", type=float, default=1.0, help="w_sp (paper: 1 on ImageNet, 3 on LAION)")
     loss.add_argument("--sp-loss", default="l2", choices=["l2", "cosine"], help="semantic preservation distance")
     loss.add_argument("--sp-placement", default="latent", choices=["latent", "features"],

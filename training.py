@@ -16,22 +16,25 @@ from torchvision.utils import save_image
 #                           torchrun / DistributedDataParallel                  #
 #################################################################################
 
-def setup_distributed():
+def setup_distributed(device=None):
     """(rank, world_size, device). Under torchrun, joins the process group (NCCL on GPU,
-    gloo on CPU); under plain python, a single process."""
+    gloo on CPU); under plain python, a single process. device "cpu" keeps a GPU machine
+    on the CPU; by default the GPU is used when there is one."""
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    rank, world_size, local_rank = 0, 1, 0
     if "RANK" in os.environ:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
         rank, world_size = dist.get_rank(), dist.get_world_size()
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    else:
-        rank, world_size, local_rank = 0, 1, 0
-    if torch.cuda.is_available():
+    if use_cuda:
         torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    return rank, world_size, device
+        return rank, world_size, torch.device("cuda", local_rank)
+    return rank, world_size, torch.device("cpu")
+
+
+def barrier(world_size):
+    if world_size > 1:
+        dist.barrier()
 
 
 def cleanup_distributed():
@@ -83,24 +86,50 @@ def ema_decay(step, decay, warmup):
 #                           Checkpoints (atomic) and RNG                        #
 #################################################################################
 
-def save_checkpoint(state, path):
-    """Writes to a temporary file beside `path`, then renames it over `path`: a crash
-    leaves either the old checkpoint or the new one, never half of one."""
-    folder = os.path.dirname(os.path.abspath(path))
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yields a temporary path beside `path` to write to; on success renames it over
+    `path`, so a crash leaves the old file or the new one, never half of one. The
+    temporary keeps the extension, for writers that choose the format by it."""
+    folder, name = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    temporary = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    stem, extension = os.path.splitext(name)
+    temporary = os.path.join(folder, f".{stem}.tmp{os.getpid()}{extension}")
     try:
-        torch.save(state, temporary)
+        yield temporary
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
 
 
+def save_checkpoint(state, path):
+    with atomic_path(path) as temporary:
+        torch.save(state, temporary)
+
+
 def load_checkpoint(path, what="checkpoint"):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} not found: {path}")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def check_resumable(checkpoint, world_size, batch_size, path):
+    """Exact resume needs the same processes and per-process batch: the data order and the
+    per-rank RNG states depend on both."""
+    saved = (len(checkpoint["rng"]), checkpoint["args"]["batch_size"])
+    if saved != (world_size, batch_size):
+        raise SystemExit(f"error: {path} was written by {saved[0]} process(es) with --batch-size {saved[1]}; "
+                         f"resume it with the same (torchrun --nproc_per_node={saved[0]} ... --batch-size {saved[1]})")
+
+
+def gather_rng_states(world_size):
+    """Every rank's RNG state, in rank order (all ranks must call it)."""
+    if world_size == 1:
+        return [rng_state()]
+    states = [None] * world_size
+    dist.all_gather_object(states, rng_state())
+    return states
 
 
 def rng_state():
@@ -120,6 +149,17 @@ def set_rng_state(state):
 #                             Metrics file and images                           #
 #################################################################################
 
+def trim_metrics(path, step):
+    """Drops the records logged after `step` (by a run that stopped before its next checkpoint),
+    so that a resumed run's metrics.jsonl reads as if it had never stopped."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with atomic_path(path) as temporary, open(temporary, "w") as f:
+        f.writelines(kept)
+
+
 def log_metrics(path, record):
     """Appends one JSON line to the metrics file."""
     with open(path, "a") as f:
@@ -128,9 +168,8 @@ def log_metrics(path, record):
 
 def save_grid(images, path, nrow):
     """Saves images in [-1, 1] (N, 3, H, W) as one PNG grid, written atomically."""
-    temporary = path + ".tmp.png"
-    save_image((images.float().clamp(-1, 1) + 1) / 2, temporary, nrow=nrow, padding=2)
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary:
+        save_image((images.float().clamp(-1, 1) + 1) / 2, temporary, nrow=nrow, padding=2)
 
 
 def unwrap(model):

@@ -403,4 +403,4 @@ def test_recon_end_to_end(tmp_path, capsys):
     with open(out) as f:
         results = json.load(f)
     assert results["num_images"] == 10 and math.isfinite(results["psnr"]) and -1 < results["ssim"] < 1
-    assert results["fd_dinov2_tokenizer_encoder"] > 0 and 0 <= results["linear_probe"] <= 1
+    assert results["fd_tokenizer_encoder"] > 0 and 0 <= results["linear_probe"] <= 1
