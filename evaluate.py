@@ -756,6 +756,57 @@ def cmd_recon(args):
 
 
 @torch.no_grad()
+def report_reconstructions(classifier, tok, dataset, args):
+    """PSNR/SSIM, the stand-in's Frechet distance and accuracy on reconstructions, the
+    latents' linear probe; writes recon.png. Returns the results and the real features."""
+    labels, psnrs, ssims, latents, correct = [], [], [], [], {"real": [], "reconstructions": []}
+    features = {"real": [], "reconstructions": []}
+    for images in dataset_batches(dataset, args.batch_size, args.workers, labels):
+        images = images.to(args.device)                                   # (N, 3, H, W) in [0, 1]
+        z = tok.encode(2 * images - 1)                                    # (N, C, h, w)
+        recon = torch.round(((tok.decode(z) + 1) / 2).clamp(0, 1) * 255) / 255   # as a saved 8-bit image
+        targets = torch.tensor(labels[-len(images):], device=args.device)
+        psnrs.append(psnr(images, recon).cpu())
+        ssims.append(ssim(images, recon).cpu())
+        latents.append(z.mean(dim=(2, 3)).cpu())
+        for name, batch in (("real", images), ("reconstructions", recon)):
+            f = classifier.features(2 * batch - 1)                        # (N, 2D)
+            features[name].append(f.cpu())
+            correct[name].append((classifier.head(f).argmax(1) == targets).cpu())
+        if len(psnrs) == 1:   # the first ten images over their reconstructions
+            save_grid(torch.cat((images[:10], recon[:10])) * 2 - 1, args.recon_png, nrow=min(10, len(images)))
+    real = torch.cat(features["real"]).numpy()
+    return {"num_images": len(labels), "psnr": torch.cat(psnrs).mean().item(),
+            "ssim": torch.cat(ssims).mean().item(),
+            "fd_stand_in_reconstructions": frechet_distance(*statistics(real),
+                                                            *statistics(torch.cat(features["reconstructions"]).numpy())),
+            "linear_probe_latents": linear_probe(torch.cat(latents), labels),
+            "stand_in_accuracy_real": torch.cat(correct["real"]).float().mean().item(),
+            "stand_in_accuracy_reconstructions": torch.cat(correct["reconstructions"]).float().mean().item()}, real
+
+
+@torch.no_grad()
+def report_samples(classifier, real, args):
+    """The stand-in's Frechet distance of the samples to the real images and how often it
+    sees the conditioning class in a sample; writes samples.png, one row per class."""
+    with np.load(args.samples) as samples:
+        sample_labels = samples["arr_1"]
+    features, agreement, rows = [], [], {}
+    for start, batch in zip(range(0, len(sample_labels), args.batch_size),
+                            npz_image_batches(args.samples, args.batch_size)):
+        images = 2 * to_unit(batch).to(args.device) - 1                   # (N, 3, H, W) in [-1, 1]
+        targets = torch.as_tensor(sample_labels[start:start + len(images)], device=args.device)
+        features.append(classifier.features(images))                      # (N, 2D)
+        agreement.append((classifier.head(features[-1]).argmax(1) == targets).cpu())
+        for image, label in zip(images.cpu(), targets.tolist()):
+            rows.setdefault(label, []).append(image)
+    columns = min(args.grid_columns, *(len(row) for row in rows.values()))
+    save_grid(torch.cat([torch.stack(rows[label][:columns]) for label in sorted(rows)]), args.samples_png, nrow=columns)
+    return {"num_samples": len(sample_labels),
+            "fd_stand_in_samples": frechet_distance(*statistics(real), *statistics(torch.cat(features).cpu().numpy())),
+            "class_agreement_samples": torch.cat(agreement).float().mean().item()}
+
+
 def cmd_report(args):
     """The embedded demo's summary: reconstruction and sample quality measured in the
     stage-0 stand-in encoder's features (no Inception or DINOv2 weights needed), the
@@ -763,46 +814,8 @@ def cmd_report(args):
     class it was conditioned on. Writes metrics.json, recon.png and samples.png."""
     classifier = load_stand_in(args.stand_in).to(args.device)
     tok = load_tokenizer(args.tokenizer).to(args.device)
-    dataset = data_from_args(args, tok.image_size)
-    labels, psnrs, ssims, latents, real, recon_features, recon_correct, real_correct = [], [], [], [], [], [], [], []
-    for images in dataset_batches(dataset, args.batch_size, args.workers, labels):
-        images = images.to(args.device)                                   # (N, 3, H, W) in [0, 1]
-        z = tok.encode(2 * images - 1)                                    # (N, C, h, w)
-        recon = torch.round(((tok.decode(z) + 1) / 2).clamp(0, 1) * 255) / 255
-        targets = torch.tensor(labels[-len(images):], device=args.device)
-        psnrs.append(psnr(images, recon).cpu())
-        ssims.append(ssim(images, recon).cpu())
-        latents.append(z.mean(dim=(2, 3)).cpu())
-        for batch, features, correct in ((images, real, real_correct), (recon, recon_features, recon_correct)):
-            features.append(classifier.features(2 * batch - 1).cpu())
-            correct.append((classifier.head(features[-1].to(args.device)).argmax(1) == targets).cpu())
-        if len(psnrs) == 1:
-            save_grid(torch.cat((2 * images[:10] - 1, 2 * recon[:10] - 1)), args.recon_png, nrow=min(10, len(images)))
-    real = torch.cat(real).numpy()
-    results = {"num_images": len(labels), "psnr": torch.cat(psnrs).mean().item(),
-               "ssim": torch.cat(ssims).mean().item(),
-               "fd_stand_in_reconstructions": frechet_distance(*statistics(real),
-                                                               *statistics(torch.cat(recon_features).numpy())),
-               "linear_probe_latents": linear_probe(torch.cat(latents), labels),
-               "stand_in_accuracy_real": torch.cat(real_correct).float().mean().item(),
-               "stand_in_accuracy_reconstructions": torch.cat(recon_correct).float().mean().item()}
-    sample_features, agreement, grid = [], [], {}
-    with np.load(args.samples) as samples:
-        sample_labels = samples["arr_1"]
-    for start, batch in zip(range(0, len(sample_labels), args.batch_size),
-                            npz_image_batches(args.samples, args.batch_size)):
-        images = 2 * to_unit(batch).to(args.device) - 1                   # (N, 3, H, W) in [-1, 1]
-        targets = torch.as_tensor(sample_labels[start:start + len(images)], device=args.device)
-        sample_features.append(classifier.features(images).cpu())
-        agreement.append((classifier.head(sample_features[-1].to(args.device)).argmax(1) == targets).cpu())
-        for image, label in zip(images.cpu(), targets.tolist()):
-            grid.setdefault(label, []).append(image)
-    results["num_samples"] = len(sample_labels)
-    results["fd_stand_in_samples"] = frechet_distance(*statistics(real), *statistics(torch.cat(sample_features).numpy()))
-    results["class_agreement_samples"] = torch.cat(agreement).float().mean().item()
-    columns = min(len(images) for images in grid.values())
-    rows = [torch.stack(grid[label][:min(columns, args.grid_columns)]) for label in sorted(grid)]
-    save_grid(torch.cat(rows), args.samples_png, nrow=len(rows[0]))
+    results, real = report_reconstructions(classifier, tok, data_from_args(args, tok.image_size), args)
+    results.update(report_samples(classifier, real, args))
     report(results, args.out)
 
 

@@ -17,7 +17,7 @@ ENCODER="--encoder-depth 4 --encoder-dim 128 --encoder-heads 4 --encoder-patch 4
 DECODER="--latent-channels 16 --decoder-width 32 --decoder-multipliers 1 2 2 --decoder-res-blocks 1"
 COMMON="--data synthetic --image-size 32 --encoder-size 32 --num-images ${DEMO_IMAGES:-10000} --resume"
 
-python train_tokenizer.py --stage 0 --out "$RUN/stage0" --steps "$(steps 1200)" --lr 1e-3 --batch-size 64 \
+python train_tokenizer.py --stage 0 --out "$RUN/stage0" --steps "$(steps 800)" --lr 1e-3 --batch-size 64 \
     $COMMON $ENCODER
 python train_tokenizer.py --stage 1 --out "$RUN/stage1" --steps "$(steps 800)" --lr 1e-3 \
     --encoder-weights "$RUN/stage0/checkpoint.pt" $COMMON $DECODER
@@ -31,7 +31,7 @@ python train_diffusion.py --tokenizer "$RUN/stage3/checkpoint.pt" --out "$RUN/di
     --ema-decay 0.999 --ema-warmup 10 --sample-every 1000 --ckpt-every 1000 --log-every 100 --resume
 
 python evaluate.py sample --ckpt "$RUN/dit/checkpoint.pt" --out "$RUN/samples.npz" --num-samples "${DEMO_SAMPLES:-500}" \
-    --steps 30 --cfg-scale 3.0 --cfg-interval 0.1 --batch-size 100 --device cpu
+    --steps 50 --cfg-scale 3.0 --cfg-interval 0.1 --batch-size 100 --device cpu
 python evaluate.py report --stand-in "$RUN/stage0/checkpoint.pt" --tokenizer "$RUN/stage3/checkpoint.pt" \
     --samples "$RUN/samples.npz" --data synthetic --num-images "${DEMO_EVAL_IMAGES:-1000}" --workers 0 --device cpu \
     --recon-png "$RUN/recon.png" --samples-png "$RUN/samples.png" --out "$RUN/metrics.json"

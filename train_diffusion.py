@@ -5,8 +5,8 @@ latents of a trained AlignTok tokenizer (arXiv 2509.25162).
 CPU demo on the embedded data set (the --model default, LightningDiT-B/1, is the paper's
 smallest size; the demo shrinks it with the override flags):
 
-    python train_diffusion.py --tokenizer runs/stage3/checkpoint.pt --out runs/dit \
-        --depth 4 --hidden-size 128 --num-heads 4 --steps 2000 --ema-warmup 10
+    python train_diffusion.py --tokenizer runs/demo/stage3/checkpoint.pt --out runs/demo/dit \
+        --depth 4 --hidden-size 128 --num-heads 2 --lr 1e-3 --ema-decay 0.999 --ema-warmup 10
 
 ImageNet 256, LightningDiT-XL/1 for 64 epochs (80K steps at a global batch of 1024 on 8
 GPUs); --qk-norm for long runs (800 epochs), whose loss otherwise turns NaN after ~140K steps:
@@ -35,8 +35,8 @@ from tqdm import tqdm
 from data import StepBatchSampler, build_dataset
 from dit import DIT_NAMES, create_model, drop_labels, flow_loss, sample
 from tokenizer import load_state_dict_strict, load_tokenizer
-from training import (all_reduce_mean, atomic_path, autocast, barrier, check_resumable, cleanup_distributed,
-                      ema_decay, gather_rng_states, load_checkpoint, log_metrics, save_checkpoint, save_grid,
+from training import (all_reduce_mean, atomic_path, autocast, barrier, cleanup_distributed, open_run,
+                      ema_decay, gather_rng_states, log_metrics, save_checkpoint, save_grid,
                       set_rng_state, setup_distributed, trim_metrics, unwrap, update_ema)
 
 
@@ -242,17 +242,10 @@ def save_samples(ema, tokenizer, noise, labels, args, path):
 def main(args):
     # ---- setup -----------------------------------------------------------------
     rank, world_size, device = setup_distributed()
-    checkpoint_path = os.path.join(args.out, "checkpoint.pt")
+    checkpoint_path, resume = open_run(args.out, args.resume, world_size, args.batch_size, lambda checkpoint:
+                                       None if {"model_config", "latents"} <= set(checkpoint) else
+                                       "is not a train_diffusion.py checkpoint; choose another --out")
     metrics_path = os.path.join(args.out, "metrics.jsonl")
-    resume = None
-    if os.path.exists(checkpoint_path):
-        if not args.resume:
-            raise SystemExit(f"error: {checkpoint_path} exists; pass --resume to continue that run or choose "
-                             f"another --out (nothing was overwritten)")
-        resume = load_checkpoint(checkpoint_path)
-        if not {"model_config", "latents"} <= set(resume):
-            raise SystemExit(f"error: {checkpoint_path} is not a train_diffusion.py checkpoint; choose another --out")
-        check_resumable(resume, world_size, args.batch_size, checkpoint_path)
     tokenizer = read_tokenizer(args.tokenizer).to(device)
 
     # ---- data: the latent cache ---------------------------------------------------
@@ -369,7 +362,8 @@ def parse_args(argv=None):
     run.add_argument("--out", required=True, help="run folder for checkpoint.pt, metrics.jsonl and samples.png")
     run.add_argument("--resume", action="store_true",
                      help="continue the run in --out from its checkpoint (starts fresh if it has none)")
-    run.add_argument("--steps", type=int, default=80000, help="total steps (ImageNet 64 epochs at batch 1024: 80000)")
+    run.add_argument("--steps", type=int, default=3000, help="total steps (the CPU demo: 3000; ImageNet, 64 epochs at "
+                                                             "a global batch of 1024: 80000)")
     run.add_argument("--seed", type=int, default=0, help="training seed; also the synthetic data set's seed")
     data = parser.add_argument_group("data and latent cache")
     data.add_argument("--data", default="synthetic", help="'synthetic' (embedded) or an ImageFolder path; "
@@ -403,8 +397,8 @@ def parse_args(argv=None):
     optim.add_argument("--compile", action="store_true", help="torch.compile the model")
     logging = parser.add_argument_group("logging, previews and checkpoints")
     logging.add_argument("--log-every", type=int, default=100)
-    logging.add_argument("--ckpt-every", type=int, default=5000)
-    logging.add_argument("--sample-every", type=int, default=5000, help="steps between samples.png previews")
+    logging.add_argument("--ckpt-every", type=int, default=1000)
+    logging.add_argument("--sample-every", type=int, default=1000, help="steps between samples.png previews")
     logging.add_argument("--sample-columns", type=int, default=8, help="samples per class row of the preview")
     logging.add_argument("--sample-steps", type=int, default=50, help="Euler steps of the preview")
     logging.add_argument("--sample-cfg-scale", type=float, default=1.0, help="guidance of the preview (1 = none)")

@@ -37,7 +37,7 @@ from losses import (PatchDiscriminator, adaptive_weight, generator_loss, hinge_d
                     semantic_preservation_loss)
 from tokenizer import AlignTok, EncoderClassifier, load_dinov2, load_stand_in, load_state_dict_strict, \
     read_dinov2_weights
-from training import (all_reduce_mean, autocast, check_resumable, cleanup_distributed, ema_decay,
+from training import (all_reduce_mean, autocast, cleanup_distributed, ema_decay, open_run,
                       gather_rng_states, load_checkpoint, log_metrics, save_checkpoint, save_grid, set_rng_state,
                       setup_distributed, trim_metrics, unwrap, update_ema)
 
@@ -186,17 +186,10 @@ def discriminator_loss(discriminator, images, reconstruction):
 def main(args):
     # ---- setup -----------------------------------------------------------------
     rank, world_size, device = setup_distributed()
-    checkpoint_path = os.path.join(args.out, "checkpoint.pt")
+    checkpoint_path, resume = open_run(args.out, args.resume, world_size, args.batch_size, lambda checkpoint:
+                                       None if checkpoint.get("stage") == args.stage else
+                                       f"is a stage-{checkpoint.get('stage')} run, not stage {args.stage}")
     metrics_path = os.path.join(args.out, "metrics.jsonl")
-    resume = None
-    if os.path.exists(checkpoint_path):
-        if not args.resume:
-            raise SystemExit(f"error: {checkpoint_path} exists; pass --resume to continue that run or choose "
-                             f"another --out (nothing was overwritten)")
-        resume = load_checkpoint(checkpoint_path)
-        if resume.get("stage") != args.stage:
-            raise SystemExit(f"error: {checkpoint_path} is a stage-{resume.get('stage')} run, not stage {args.stage}")
-        check_resumable(resume, world_size, args.batch_size, checkpoint_path)
     init = read_init(args) if args.stage > 1 else None
     torch.manual_seed(args.seed + rank)
 
@@ -226,7 +219,7 @@ def main(args):
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     optimizer = torch.optim.AdamW(groups, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
     use_gan = args.stage > 0 and args.disc_weight > 0 and args.disc_start < args.steps
-    discriminator = PatchDiscriminator(norm=args.disc_norm).to(device) if use_gan else None
+    discriminator = PatchDiscriminator(n_layers=args.disc_layers, norm=args.disc_norm).to(device) if use_gan else None
     disc_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=args.disc_lr, betas=tuple(args.disc_betas),
                                        weight_decay=0.0) if use_gan else None
     perceptual = None
@@ -393,6 +386,7 @@ def parse_args(argv=None):
     loss.add_argument("--disc-weight", type=float, default=0.5, help="generator GAN weight times lambda_adapt; 0 = off")
     loss.add_argument("--disc-start", type=int, default=20000, help="step at which the GAN starts (our choice)")
     loss.add_argument("--disc-lr", type=float, default=1e-4)
+    loss.add_argument("--disc-layers", type=int, default=3, help="PatchGAN depth (LDM: 3; needs images >= 32 px)")
     loss.add_argument("--disc-betas", type=float, nargs=2, default=[0.5, 0.9], help="discriminator AdamW betas (LDM)")
     loss.add_argument("--disc-norm", default="group", choices=["batch", "group", "none"],
                       help="our choice: group (no batch statistics, so DDP ranks and the real/fake halves do "

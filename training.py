@@ -114,13 +114,26 @@ def load_checkpoint(path, what="checkpoint"):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def check_resumable(checkpoint, world_size, batch_size, path):
-    """Exact resume needs the same processes and per-process batch: the data order and the
-    per-rank RNG states depend on both."""
+def open_run(out, resume, world_size, batch_size, kind_check):
+    """(checkpoint path, the run's checkpoint when resuming, else None). An existing run is
+    never overwritten: without --resume it is an error. kind_check(checkpoint) returns an
+    error text when the file belongs to another kind of run. Exact resume also needs the
+    same processes and per-process batch: the data order and the per-rank RNG depend on both."""
+    path = os.path.join(out, "checkpoint.pt")
+    if not os.path.exists(path):
+        return path, None
+    if not resume:
+        raise SystemExit(f"error: {path} exists; pass --resume to continue that run or choose another --out "
+                         f"(nothing was overwritten)")
+    checkpoint = load_checkpoint(path)
+    problem = kind_check(checkpoint)
+    if problem:
+        raise SystemExit(f"error: {path} {problem}")
     saved = (len(checkpoint["rng"]), checkpoint["args"]["batch_size"])
     if saved != (world_size, batch_size):
         raise SystemExit(f"error: {path} was written by {saved[0]} process(es) with --batch-size {saved[1]}; "
                          f"resume it with the same (torchrun --nproc_per_node={saved[0]} ... --batch-size {saved[1]})")
+    return path, checkpoint
 
 
 def gather_rng_states(world_size):

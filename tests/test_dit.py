@@ -8,13 +8,7 @@ from dit import (LightningDiT, create_model, drop_labels, flow_loss, load_dit, r
 from tokenizer import apply_rope
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run much faster on one thread than on two shared, busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(**overrides):

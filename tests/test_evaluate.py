@@ -19,13 +19,7 @@ from evaluate import (INCEPTION_URL, dinov2_features, fd_dinov2, frechet_distanc
                       precision_recall, psnr, save_npz, ssim)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Much faster on one thread than on two shared, busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

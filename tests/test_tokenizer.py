@@ -17,12 +17,7 @@ TINY_TOKENIZER = ["--latent-channels", "4", "--decoder-width", "16", "--decoder-
                   "--decoder-res-blocks", "0"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_stage(stage, out, *extra, steps=4):
@@ -181,3 +176,59 @@ def test_image_size_mismatch_is_a_clear_error():
     with pytest.raises(ValueError, match="not image_size 32"):
         AlignTok("dinov2_vits14", dict(depth=1, embed_dim=32, num_heads=2, patch_size=4, img_size=16),
                  decoder_multipliers=(1, 2), image_size=32, encoder_size=16)
+
+
+def test_gan_lpips_and_preservation_ablations_run_through_the_script(stages, tmp_path):
+    """The GAN (from step 1, with the adaptive weight), LPIPS from weight files, and the
+    semantic preservation variants (cosine; before the adapter) all take part in a step."""
+    import torchvision
+    from losses import LPIPS
+    root, _, _ = stages
+    torch.manual_seed(0)
+    vgg = torchvision.models.vgg16(weights=None).state_dict()
+    heads = {k: torch.rand_like(v) for k, v in LPIPS().heads.state_dict().items()}
+    torch.save(vgg, tmp_path / "vgg16.pth")
+    torch.save(heads, tmp_path / "lpips_vgg.pth")
+    init = str(root / "s1" / "checkpoint.pt")
+    run_stage(2, tmp_path / "gan", "--init", init, "--disc-start", "1", "--disc-layers", "2", "--sp-loss", "cosine", "--sp-placement",
+              "features", "--vgg-weights", str(tmp_path / "vgg16.pth"), "--lpips-weights",
+              str(tmp_path / "lpips_vgg.pth"), steps=3)
+    records = metrics(tmp_path / "gan")
+    assert "gan" not in records[0] and {"gan", "lambda", "d_loss", "perceptual", "sp"} <= set(records[1])
+    assert all(r["perceptual"] > 0 for r in records) and abs(records[0]["sp"]) < 1e-6 and records[2]["sp"] > 1e-6
+    checkpoint = torch.load(tmp_path / "gan" / "checkpoint.pt", weights_only=True)
+    assert "discriminator" in checkpoint and checkpoint["args"]["sp_placement"] == "features"
+
+
+def test_stage1_takes_dinov2_weights_from_a_safetensors_file(tmp_path):
+    from safetensors.torch import save_file
+    from tokenizer import load_dinov2
+    torch.manual_seed(0)
+    encoder = load_dinov2("dinov2_vits14", depth=1, embed_dim=32, num_heads=2, patch_size=4, img_size=16)
+    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    checkpoint = run_stage(1, tmp_path / "s1", "--encoder-weights", str(tmp_path / "model.safetensors"),
+                           *TINY_ENCODER, *TINY_TOKENIZER, steps=2)
+    assert_same({k.removeprefix("encoder."): v for k, v in part(checkpoint["model"], "encoder.").items()},
+                encoder.state_dict())
+
+
+def test_two_processes_with_torchrun_and_gloo(stages, tmp_path):
+    """Stage 2 (everything trainable, GAN on) under torchrun with DDP on CPU: the ranks
+    stay in step and the checkpoint holds both ranks' RNG states."""
+    import os
+    import subprocess
+    import sys
+    root, _, _ = stages
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+               "train_tokenizer.py", "--stage", "2", "--out", str(out), "--steps", "3", "--init",
+               str(root / "s1" / "checkpoint.pt"), "--disc-start", "1", "--disc-layers", "2", *TINY,
+               "--batch-size", "4"]
+    result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert checkpoint["step"] == 3 and len(checkpoint["rng"]) == 2
+    assert not torch.equal(checkpoint["rng"][0]["torch"], checkpoint["rng"][1]["torch"])
+    with pytest.raises(SystemExit, match="written by 2 process"):
+        run_stage(2, out, "--init", str(root / "s1" / "checkpoint.pt"), "--batch-size", "4", "--resume", steps=4)

@@ -18,13 +18,7 @@ from tokenizer import AlignTok, load_tokenizer
 from train_diffusion import main, parse_args
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run much faster on one thread than on two shared, busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def save_tokenizer(tok, path):
