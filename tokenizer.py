@@ -203,6 +203,7 @@ class DINOv2(nn.Module):
         if (grid_h, grid_w) == (M, M):
             return self.pos_embed
         patch_pos = patch_pos.reshape(1, M, M, -1).permute(0, 3, 1, 2)  # (1, D, M, M)
+        # (height, width) order, as the official code (which names the height "w").
         if self.interpolate_offset:
             scale = ((grid_h + self.interpolate_offset) / M, (grid_w + self.interpolate_offset) / M)
             patch_pos = F.interpolate(patch_pos, scale_factor=scale, mode="bicubic",
