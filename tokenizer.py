@@ -326,11 +326,14 @@ def read_dinov2_weights(path):
         raise FileNotFoundError(f"DINOv2 weight file not found: {path} (pass the path of an official "
                                 f"dinov2_*_pretrain.pth or a Hugging Face model.safetensors)")
     if path.endswith(".safetensors"):
-        state = read_safetensors(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return official_dinov2_layout(read_safetensors(path))
+    return official_dinov2_layout(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def official_dinov2_layout(state):
+    """An already loaded DINOv2 state dict in the official key layout (HF ports converted)."""
     if any(k.startswith(("embeddings.", "dinov2.embeddings.")) for k in state):
-        state = convert_hf_dinov2(state)
+        return convert_hf_dinov2(state)
     return state
 
 
@@ -616,9 +619,13 @@ def load_stand_in(path, map_location="cpu"):
     """The stage-0 EncoderClassifier from its checkpoint (eval mode)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"stage-0 checkpoint not found: {path} (run train_tokenizer.py --stage 0)")
-    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    return stand_in_from_checkpoint(torch.load(path, map_location=map_location, weights_only=True), path)
+
+
+def stand_in_from_checkpoint(checkpoint, source):
+    """The EncoderClassifier of an already loaded stage-0 checkpoint (eval mode)."""
     if checkpoint.get("stage") != 0:
-        raise ValueError(f"{path} is not a stage-0 checkpoint (it has no stand-in encoder classifier)")
+        raise ValueError(f"{source} is not a stage-0 checkpoint (it has no stand-in encoder classifier)")
     model = EncoderClassifier(checkpoint["encoder_config"], checkpoint["num_classes"], checkpoint["encoder_size"])
-    load_state_dict_strict(model, checkpoint["ema"], path)
+    load_state_dict_strict(model, checkpoint["ema"], source)
     return model.eval()

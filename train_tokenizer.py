@@ -35,8 +35,8 @@ from data import StepBatchSampler, build_dataset
 from evaluate import psnr
 from losses import (PatchDiscriminator, adaptive_weight, generator_loss, hinge_d_loss, load_lpips,
                     semantic_preservation_loss)
-from tokenizer import AlignTok, EncoderClassifier, load_dinov2, load_stand_in, load_state_dict_strict, \
-    read_dinov2_weights
+from tokenizer import (AlignTok, EncoderClassifier, load_dinov2, load_state_dict_strict, official_dinov2_layout,
+                       read_dinov2_weights, stand_in_from_checkpoint)
 from training import (all_reduce_mean, autocast, cleanup_distributed, ema_decay, open_run,
                       gather_rng_states, load_checkpoint, log_metrics, save_checkpoint, save_grid, set_rng_state,
                       setup_distributed, trim_metrics, unwrap, update_ema)
@@ -77,10 +77,13 @@ def pretrained_encoder(args):
         return encoder_overrides(args), None
     if not os.path.isfile(path):
         raise SystemExit(f"error: --encoder-weights file not found: {path}")
-    if not path.endswith(".safetensors") and torch.load(path, map_location="cpu", weights_only=True).get("stage") == 0:
-        encoder = load_stand_in(path).encoder
+    if path.endswith(".safetensors"):
+        return encoder_overrides(args), read_dinov2_weights(path)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)   # read once: DINOv2-L is 1.2 GB
+    if checkpoint.get("stage") == 0:
+        encoder = stand_in_from_checkpoint(checkpoint, path).encoder
         return encoder.config, encoder.state_dict()
-    return encoder_overrides(args), read_dinov2_weights(path)
+    return encoder_overrides(args), official_dinov2_layout(checkpoint)
 
 
 def build_tokenizer(args, init):
