@@ -69,7 +69,7 @@ def bench_inception(args):
     """Pool3 feature extraction of our Inception against pytorch-fid's InceptionV3([3])
     (built without downloading: its loader is handed our random weights)."""
     import pytorch_fid.inception as pytorch_fid_inception
-    from evaluate import load_inception
+    from inception import load_inception
 
     torch.manual_seed(0)
     ours = load_inception()

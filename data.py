@@ -172,3 +172,11 @@ class StepBatchSampler(torch.utils.data.Sampler):
                 start = b * self.global_batch + self.rank * self.batch_size
                 yield order[start:start + self.batch_size].tolist()
             step = (epoch + 1) * self.steps_per_epoch
+
+
+def step_loader(dataset, batch_size, rank, world_size, seed, start_step, workers, device):
+    """An endless iterator over this rank's batches from `start_step` on (StepBatchSampler).
+    Creating it draws the loader's base seed from the global RNG."""
+    sampler = StepBatchSampler(len(dataset), batch_size, rank, world_size, seed, start_step=start_step)
+    return iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
+                                            pin_memory=device.type == "cuda", persistent_workers=workers > 0))

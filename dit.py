@@ -1,6 +1,6 @@
 """
 LightningDiT, the class-conditional flow model trained on AlignTok latents, with its
-flow-matching loss and samplers (REFERENCE.md section 4).
+flow-matching loss and samplers.
 
     latent x (N, C, H, W) --patchify--> tokens (N, T, D) + fixed 2D sin-cos table
     c = t_emb(t) + y_emb(y)
@@ -13,15 +13,13 @@ x_t = t*x + (1-t)*eps, and the network predicts v = x - eps.
 The file reads top to bottom: embeddings, 2D RoPE, the transformer, model sizes,
 the loss, the samplers and checkpoint loading.
 """
-import inspect
 import math
-import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer import Attention, PatchEmbed, SwiGLU, load_state_dict_strict
+from layers import Attention, PatchEmbed, SwiGLU, check_config, constructor_config, load_state_dict_strict, read_weights
 
 
 #################################################################################
@@ -86,7 +84,7 @@ def drop_labels(y, prob, num_classes, generator=None):
 #################################################################################
 
 def rope_2d(grid_size, head_dim, theta=10000.0):
-    """(cos, sin), each (grid_size**2, head_dim // 2), for tokenizer.apply_rope, which
+    """(cos, sin), each (grid_size**2, head_dim // 2), for layers.apply_rope, which
     rotates adjacent channel pairs. The first half of the pairs turns with the row
     index, the second half with the column index, each half with the frequencies
     theta^(-i / (head_dim / 4)), as in LightningDiT (EVA-02's 2D rotary embedding)."""
@@ -151,15 +149,13 @@ class LightningDiT(nn.Module):
     def __init__(self, input_size=16, patch_size=1, in_channels=32, hidden_size=1152,
                  depth=28, num_heads=16, mlp_ratio=4.0, num_classes=1000, qk_norm=False,
                  use_rope=True):
+        config = constructor_config(locals())
         super().__init__()
+        self.config = config
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not a multiple of patch_size {patch_size}")
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
-        self.config = dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
-                           hidden_size=hidden_size, depth=depth, num_heads=num_heads,
-                           mlp_ratio=mlp_ratio, num_classes=num_classes, qk_norm=qk_norm,
-                           use_rope=use_rope)
         self.input_size = input_size
         self.patch_size = patch_size
         self.in_channels = in_channels
@@ -359,22 +355,16 @@ def sample(model, noise, y, steps=50, method="euler", cfg_scale=1.0, cfg_interva
 #                               Checkpoint loading                              #
 #################################################################################
 
-def load_dit(path, use_ema=True, map_location="cpu"):
+def load_dit(path, use_ema=True):
     """Rebuilds a LightningDiT from a diffusion training checkpoint with keys
     "model_config", "model" and "ema". Returns (model in eval mode, checkpoint)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"DiT checkpoint not found: {path} (pass the .pt written by the "
-                                f"diffusion training script)")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    ckpt = read_weights(path, "DiT checkpoint", "pass the checkpoint.pt written by train_diffusion.py")
     weights_key = "ema" if use_ema else "model"
     missing = [k for k in ("model_config", weights_key) if k not in ckpt]
     if missing:
-        raise KeyError(f"{path} lacks {missing}: it is not a DiT training checkpoint"
-                       + (" (or was saved without EMA; pass use_ema=False)" if weights_key in missing else ""))
-    config = ckpt["model_config"]
-    unknown = set(config) - set(inspect.signature(LightningDiT).parameters)
-    if unknown:
-        raise ValueError(f"{path}: unknown model_config field(s) {sorted(unknown)}")
-    model = LightningDiT(**config)
+        raise ValueError(f"{path} lacks {missing}: it is not a train_diffusion.py checkpoint"
+                         + (" (or was saved without EMA; pass use_ema=False)" if weights_key in missing else "")
+                         + ("; it is a tokenizer checkpoint" if "tokenizer_config" in ckpt else ""))
+    model = LightningDiT(**check_config(LightningDiT, ckpt["model_config"], path))
     load_state_dict_strict(model, ckpt[weights_key], f"{path} [{weights_key}]")
     return model.eval(), ckpt

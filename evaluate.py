@@ -1,15 +1,15 @@
 """
-Evaluation: FID, sFID, Inception Score, precision/recall (the numbers of ADM's evaluator and
-pytorch-fid, from an in-house FID Inception), PSNR, SSIM, linear probe on latents and
-FD_DINOv2, plus the commands that make sample batches and reference statistics.
+Evaluation: FID, sFID, Inception Score and precision/recall (the numbers of ADM's evaluator
+and pytorch-fid, from the FID Inception of inception.py), PSNR, SSIM, the linear probe on
+latents and FD_DINOv2, with the commands that compute them:
 
     python evaluate.py stats --data /data/imagenet/val --out ref.npz --inception-weights pt_inception.pth
     python evaluate.py metrics --samples samples.npz --ref VIRTUAL_imagenet256_labeled.npz \\
         --inception-weights pt_inception-2015-12-05-6726825d.pth --out metrics.json
-    torchrun --nproc_per_node 8 evaluate.py sample --ckpt dit.pt --num-samples 50000 --out samples.npz
     python evaluate.py recon --tokenizer tok.pt --data /data/imagenet/val
+    python evaluate.py report ...      # the embedded demo's summary (run_demo.sh)
 
-File layouts (numpy .npz):
+Sample batches come from sample.py. File layouts (numpy .npz):
     statistics  mu, sigma (pytorch-fid) and mu_s, sigma_s (ADM's sFID keys), plus `pool`:
                 the (N, 2048) float32 pool3 features, which precision/recall need (ADM's own
                 reference batches hold the images as arr_0 instead; both are accepted).
@@ -23,275 +23,13 @@ import zipfile
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from scipy import linalg
 
-import dit
 from data import build_dataset
-from tokenizer import encoder_input, load_dinov2, load_stand_in, load_state_dict_strict, load_tokenizer
-from training import atomic_path, barrier, cleanup_distributed, save_grid, setup_distributed
-
-INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
-INCEPTION_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{INCEPTION_FILE}"
-INCEPTION_HELP = (f"pass --inception-weights PATH to pytorch-fid's {INCEPTION_FILE} (get it from "
-                  f"{INCEPTION_URL}, or add --download to fetch it once into the torch hub cache)")
-
-
-#################################################################################
-#                   The FID Inception (TensorFlow's 2015 graph)                 #
-#################################################################################
-# The network of TF's inception-2015-12-05 graph that FID, sFID and IS are defined on.
-# It is torchvision's InceptionV3 layout with the differences pytorch-fid found: the
-# average pools inside the A, C and first E blocks exclude the zero padding from the
-# mean (count_include_pad=False), the last E block max-pools, and the classifier has
-# 1008 outputs. Parameter names follow torchvision, so pytorch-fid's weights load as is.
-
-class BasicConv2d(nn.Module):
-    def __init__(self, in_channels, out_channels, **kwargs):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, bias=False, **kwargs)
-        self.bn = nn.BatchNorm2d(out_channels, eps=0.001)
-
-    def forward(self, x):
-        return F.relu(self.bn(self.conv(x)), inplace=True)
-
-
-def avg_pool_3x3(x):
-    # TF's SAME average pool divides by the number of real (unpadded) pixels.
-    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
-
-
-class InceptionA(nn.Module):
-    """35x35 block: 1x1, 5x5, double 3x3 and pool branches."""
-
-    def __init__(self, in_channels, pool_features):
-        super().__init__()
-        self.branch1x1 = BasicConv2d(in_channels, 64, kernel_size=1)
-        self.branch5x5_1 = BasicConv2d(in_channels, 48, kernel_size=1)
-        self.branch5x5_2 = BasicConv2d(48, 64, kernel_size=5, padding=2)
-        self.branch3x3dbl_1 = BasicConv2d(in_channels, 64, kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, padding=1)
-        self.branch_pool = BasicConv2d(in_channels, pool_features, kernel_size=1)
-
-    def forward(self, x):
-        branch1x1 = self.branch1x1(x)
-        branch5x5 = self.branch5x5_2(self.branch5x5_1(x))
-        branch3x3dbl = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        branch_pool = self.branch_pool(avg_pool_3x3(x))
-        return torch.cat([branch1x1, branch5x5, branch3x3dbl, branch_pool], 1)
-
-
-class InceptionB(nn.Module):
-    """35x35 -> 17x17 reduction."""
-
-    def __init__(self, in_channels):
-        super().__init__()
-        self.branch3x3 = BasicConv2d(in_channels, 384, kernel_size=3, stride=2)
-        self.branch3x3dbl_1 = BasicConv2d(in_channels, 64, kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, stride=2)
-
-    def forward(self, x):
-        branch3x3 = self.branch3x3(x)
-        branch3x3dbl = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        branch_pool = F.max_pool2d(x, kernel_size=3, stride=2)
-        return torch.cat([branch3x3, branch3x3dbl, branch_pool], 1)
-
-
-class InceptionC(nn.Module):
-    """17x17 block with factorised 7x7 convolutions. Its output starts with the 192
-    channels of branch1x1."""
-
-    def __init__(self, in_channels, channels_7x7):
-        super().__init__()
-        c7 = channels_7x7
-        self.branch1x1 = BasicConv2d(in_channels, 192, kernel_size=1)
-        self.branch7x7_1 = BasicConv2d(in_channels, c7, kernel_size=1)
-        self.branch7x7_2 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
-        self.branch7x7_3 = BasicConv2d(c7, 192, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7dbl_1 = BasicConv2d(in_channels, c7, kernel_size=1)
-        self.branch7x7dbl_2 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7dbl_3 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
-        self.branch7x7dbl_4 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7dbl_5 = BasicConv2d(c7, 192, kernel_size=(1, 7), padding=(0, 3))
-        self.branch_pool = BasicConv2d(in_channels, 192, kernel_size=1)
-
-    def forward(self, x):
-        branch1x1 = self.branch1x1(x)
-        branch7x7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        branch7x7dbl = self.branch7x7dbl_1(x)
-        for conv in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
-            branch7x7dbl = conv(branch7x7dbl)
-        branch_pool = self.branch_pool(avg_pool_3x3(x))
-        return torch.cat([branch1x1, branch7x7, branch7x7dbl, branch_pool], 1)
-
-
-class InceptionD(nn.Module):
-    """17x17 -> 8x8 reduction."""
-
-    def __init__(self, in_channels):
-        super().__init__()
-        self.branch3x3_1 = BasicConv2d(in_channels, 192, kernel_size=1)
-        self.branch3x3_2 = BasicConv2d(192, 320, kernel_size=3, stride=2)
-        self.branch7x7x3_1 = BasicConv2d(in_channels, 192, kernel_size=1)
-        self.branch7x7x3_2 = BasicConv2d(192, 192, kernel_size=(1, 7), padding=(0, 3))
-        self.branch7x7x3_3 = BasicConv2d(192, 192, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7x3_4 = BasicConv2d(192, 192, kernel_size=3, stride=2)
-
-    def forward(self, x):
-        branch3x3 = self.branch3x3_2(self.branch3x3_1(x))
-        branch7x7x3 = self.branch7x7x3_1(x)
-        for conv in (self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4):
-            branch7x7x3 = conv(branch7x7x3)
-        branch_pool = F.max_pool2d(x, kernel_size=3, stride=2)
-        return torch.cat([branch3x3, branch7x7x3, branch_pool], 1)
-
-
-class InceptionE(nn.Module):
-    """8x8 block with split 1x3 / 3x1 outputs. pool: "avg" in Mixed_7b, "max" in Mixed_7c
-    (a quirk of the TF graph that every FID number carries)."""
-
-    def __init__(self, in_channels, pool):
-        super().__init__()
-        self.pool = pool
-        self.branch1x1 = BasicConv2d(in_channels, 320, kernel_size=1)
-        self.branch3x3_1 = BasicConv2d(in_channels, 384, kernel_size=1)
-        self.branch3x3_2a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
-        self.branch3x3_2b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
-        self.branch3x3dbl_1 = BasicConv2d(in_channels, 448, kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(448, 384, kernel_size=3, padding=1)
-        self.branch3x3dbl_3a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
-        self.branch3x3dbl_3b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
-        self.branch_pool = BasicConv2d(in_channels, 192, kernel_size=1)
-
-    def forward(self, x):
-        branch1x1 = self.branch1x1(x)
-        branch3x3 = self.branch3x3_1(x)
-        branch3x3 = torch.cat([self.branch3x3_2a(branch3x3), self.branch3x3_2b(branch3x3)], 1)
-        branch3x3dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        branch3x3dbl = torch.cat([self.branch3x3dbl_3a(branch3x3dbl), self.branch3x3dbl_3b(branch3x3dbl)], 1)
-        if self.pool == "max":
-            pooled = F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
-        else:
-            pooled = avg_pool_3x3(x)
-        branch_pool = self.branch_pool(pooled)
-        return torch.cat([branch1x1, branch3x3, branch3x3dbl, branch_pool], 1)
-
-
-class FIDInceptionV3(nn.Module):
-    """forward(x): RGB in [0, 1] (N, 3, H, W), any size -> pool3 features (N, 2048).
-    features(x): pool3, logits and the sFID spatial features from one pass."""
-
-    def __init__(self):
-        super().__init__()
-        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
-        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
-        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
-        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, kernel_size=1)
-        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, kernel_size=3)
-        self.Mixed_5b = InceptionA(192, pool_features=32)
-        self.Mixed_5c = InceptionA(256, pool_features=64)
-        self.Mixed_5d = InceptionA(288, pool_features=64)
-        self.Mixed_6a = InceptionB(288)
-        self.Mixed_6b = InceptionC(768, channels_7x7=128)
-        self.Mixed_6c = InceptionC(768, channels_7x7=160)
-        self.Mixed_6d = InceptionC(768, channels_7x7=160)
-        self.Mixed_6e = InceptionC(768, channels_7x7=192)
-        self.Mixed_7a = InceptionD(768)
-        self.Mixed_7b = InceptionE(1280, pool="avg")
-        self.Mixed_7c = InceptionE(2048, pool="max")
-        self.fc = nn.Linear(2048, 1008)
-        self.initialize_weights()
-
-    def initialize_weights(self):
-        # Only for runs without the real weights (tests, benchmarks): He init keeps the
-        # activation scale roughly constant through the ReLU stack.
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
-        nn.init.normal_(self.fc.weight, std=0.01)
-        nn.init.zeros_(self.fc.bias)
-
-    def preprocess(self, x):
-        """[0, 1] at any size -> 299x299 in [-1, 1], as pytorch-fid: bilinear resize with
-        align_corners=False, then 2x - 1. (ADM feeds [0, 255] to the TF graph, which resizes
-        with TF1's legacy bilinear kernel and maps (x - 128) / 128: identical at 299 px
-        except that scale, within a fraction of a grey level.)"""
-        if x.shape[-2:] != (299, 299):  # a same-size bilinear resize is the identity
-            x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        x = 2 * x - 1
-        if x.device.type == "cpu":
-            # oneDNN runs these convolutions about 1.4x faster on channels-last input
-            # (bench.py); GPUs keep the default layout, where it was not measured.
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
-
-    def features(self, x):
-        """Returns a dict:
-        pool            (N, 2048)  pool3, for FID and precision/recall
-        logits          (N, 1008)  the classifier output, fc(pool)
-        logits_unbiased (N, 1008)  pool @ fc.weight.T: what the Inception Score is defined
-                                   on (OpenAI's improved-gan code and ADM's evaluator take
-                                   the softmax/logits MatMul of the TF graph, not its bias)
-        spatial         (N, 2023)  ADM's sFID features, see below
-        """
-        x = self.preprocess(x)                                            # (N, 3, 299, 299)
-        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))  # (N, 64, 147, 147)
-        x = F.max_pool2d(x, kernel_size=3, stride=2)                     # (N, 64, 73, 73)
-        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))                    # (N, 192, 71, 71)
-        x = F.max_pool2d(x, kernel_size=3, stride=2)                     # (N, 192, 35, 35)
-        x = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x)))               # (N, 288, 35, 35)
-        x = self.Mixed_6c(self.Mixed_6b(self.Mixed_6a(x)))               # (N, 768, 17, 17)
-        x = self.Mixed_6d(x)                                             # (N, 768, 17, 17)
-        # sFID: ADM's evaluator reads the TF tensor "mixed_6/conv:0" and keeps channels
-        # [..., :7]. The TF graph names its mixed blocks mixed, mixed_1, mixed_2 (torch
-        # Mixed_5b/c/d), mixed_3 (Mixed_6a), mixed_4..mixed_7 (Mixed_6b..6e), mixed_8..10
-        # (Mixed_7a/b/c); so mixed_6 is Mixed_6d. Inside a block, "conv" (no tower
-        # prefix) is the 1x1 branch (the weight ports map mixed_6/conv/conv2d_params and
-        # mixed_6/conv/batchnorm to Mixed_6d.branch1x1.conv/.bn), and the op named after
-        # the scope itself is its output after batch norm and ReLU. That is
-        # Mixed_6d.branch1x1(x), which the block's concat puts first: channels 0..191 of
-        # Mixed_6d's output. ADM flattens NHWC, (N, 17, 17, 7) -> 2023, so go to
-        # channels-last before flattening.
-        spatial = x[:, :7].permute(0, 2, 3, 1).reshape(x.shape[0], -1)  # (N, 17*17*7)
-        x = self.Mixed_6e(x)                                             # (N, 768, 17, 17)
-        x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x)))               # (N, 2048, 8, 8)
-        pool = x.mean(dim=(2, 3))                                        # (N, 2048)
-        logits_unbiased = pool @ self.fc.weight.t()                      # (N, 1008)
-        return {"pool": pool, "logits": logits_unbiased + self.fc.bias,
-                "logits_unbiased": logits_unbiased, "spatial": spatial}
-
-    def forward(self, x):
-        return self.features(x)["pool"]
-
-
-def download_inception():
-    """Fetches pytorch-fid's weights into the torch hub cache (only behind --download)."""
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_FILE)
-    if not os.path.isfile(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.hub.download_url_to_file(INCEPTION_URL, path)
-    return path
-
-
-def load_inception(weights=None):
-    """The FID Inception in eval mode: random weights when `weights` is None, else
-    pytorch-fid's pt_inception-2015-12-05-6726825d.pth (torchvision key layout),
-    loaded strictly."""
-    model = FIDInceptionV3()
-    if weights is not None:
-        if not os.path.isfile(weights):
-            raise FileNotFoundError(f"Inception weights not found: {weights}; {INCEPTION_HELP}")
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        # Files saved before torch 0.4.1 lack the batch-norm step counters, which eval
-        # never reads (torch's own loader fills them in the same way); all else is strict.
-        for key, value in model.state_dict().items():
-            if key.endswith("num_batches_tracked") and key not in state:
-                state[key] = torch.zeros_like(value)
-        load_state_dict_strict(model, state, weights)
-    return model.eval().requires_grad_(False)
+from inception import INCEPTION_FILE, INCEPTION_HELP, INCEPTION_URL, download_inception, load_inception
+from tokenizer import encoder_input, load_dinov2, load_stand_in, load_tokenizer
+from training import psnr, save_grid, save_json, save_npz
 
 
 #################################################################################
@@ -302,12 +40,6 @@ def to_unit(images):
     """uint8 (N, H, W, 3) array/tensor -> float (N, 3, H, W) in [0, 1]."""
     images = torch.as_tensor(images)
     return images.permute(0, 3, 1, 2).float() / 255
-
-
-def to_uint8(images):
-    """Float (N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3) numpy, rounded as DiT's sampler."""
-    images = torch.clamp(127.5 * images + 128.0, 0, 255).to(torch.uint8)
-    return images.permute(0, 2, 3, 1).cpu().numpy()
 
 
 @torch.no_grad()
@@ -425,12 +157,6 @@ def precision_recall(ref_features, sample_features, k=3, batch_size=10000, devic
     return sam_covered.double().mean().item(), ref_covered.double().mean().item()
 
 
-def psnr(x, y, data_range=1.0):
-    """Per-image PSNR (N,) of float images (N, C, H, W)."""
-    mse = (x.double() - y.double()).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(data_range ** 2 / mse)
-
-
 def gaussian_window(size=11, sigma=1.5):
     # scipy's gaussian_filter with truncate=3.5 (skimage's call) has radius
     # int(3.5 * 1.5 + 0.5) = 5, i.e. these 11 taps.
@@ -485,30 +211,15 @@ def dinov2_features(encoder, images, size=224):
     return encoder.forward_features(encoder_input(2 * images.float() - 1, size))["x_norm_clstoken"]
 
 
-def fd_dinov2(features1, features2):
-    """Frechet distance between two sets of DINOv2 features (FD_DINOv2)."""
-    return frechet_distance(*statistics(features1), *statistics(features2))
+def feature_distance(features1, features2):
+    """Frechet distance between two feature sets (N, D), whichever network made them:
+    FD_DINOv2 for DINOv2 features, rFID for Inception pool features."""
+    return frechet_distance(*statistics(np.asarray(features1)), *statistics(np.asarray(features2)))
 
 
 #################################################################################
 #                                     Files                                     #
 #################################################################################
-
-def save_npz(path, **arrays):
-    """np.savez written atomically, so a reader (or a resumed run) never sees half a file."""
-    with atomic_path(path) as temporary, open(temporary, "wb") as f:
-        np.savez(f, **arrays)
-
-
-def save_json(path, data):
-    with atomic_path(path) as temporary, open(temporary, "w") as f:
-        json.dump(data, f, indent=2)
-
-
-def load_npz(path):
-    with np.load(path) as f:
-        return {key: f[key] for key in f.files}
-
 
 def npz_keys(path):
     if not os.path.isfile(path):
@@ -568,6 +279,39 @@ def load_reference(path, model, device, batch_size):
         raise ValueError(f"{path} holds neither mu/sigma nor arr_0 images; make it with "
                          f"`python evaluate.py stats` or pass ADM's reference batch")
     return ref
+
+
+#################################################################################
+#                      Reconstructions (the one measuring loop)                 #
+#################################################################################
+
+@torch.no_grad()
+def measure_reconstructions(tok, dataset, args, feature_fns, probe="mean", quantize=True, grid_path=None):
+    """Encodes and decodes every image of `dataset` once and measures the pairs.
+
+    feature_fns: name -> function of [0, 1] images (N, 3, H, W) giving features (N, D),
+    applied to the images and to their reconstructions. quantize rounds reconstructions to
+    8 bits first, as a saved image would be. grid_path: the first ten images over their
+    reconstructions. Returns a dict with labels, per-image psnr and ssim, the latents for
+    the linear probe (spatial mean or flattened) and {name: (real, reconstructed)} features."""
+    labels, psnrs, ssims, latents = [], [], [], []
+    features = {name: ([], []) for name in feature_fns}
+    for images in dataset_batches(dataset, args.batch_size, args.workers, labels):
+        images = images.to(args.device)                                   # (N, 3, H, W) in [0, 1]
+        z = tok.encode(2 * images - 1)                                    # (N, C, h, w)
+        recon = ((tok.decode(z) + 1) / 2).clamp(0, 1)
+        if quantize:
+            recon = torch.round(recon * 255) / 255
+        psnrs.append(psnr(images, recon).cpu())
+        ssims.append(ssim(images, recon).cpu())
+        latents.append((z.mean(dim=(2, 3)) if probe == "mean" else z.flatten(1)).cpu())
+        for name, fn in feature_fns.items():
+            features[name][0].append(fn(images).cpu())
+            features[name][1].append(fn(recon).cpu())
+        if grid_path and len(psnrs) == 1:
+            save_grid(torch.cat((images[:10], recon[:10])) * 2 - 1, grid_path, nrow=min(10, len(images)))
+    return {"labels": labels, "psnr": torch.cat(psnrs), "ssim": torch.cat(ssims), "latents": torch.cat(latents),
+            "features": {name: (torch.cat(real), torch.cat(fake)) for name, (real, fake) in features.items()}}
 
 
 #################################################################################
@@ -640,149 +384,26 @@ def report(results, out):
         save_json(out, results)
 
 
-def sample_noise(seed, indices, shape):
-    """Noise of sample i depends only on (seed, i): any sharding, batch size or resume
-    gives the same images."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed((seed << 32) + i))
-                        for i in indices])
-
-
-@torch.no_grad()
-def sample_images(model, tok, indices, args, device):
-    """uint8 images (n, H, W, 3) and labels (n,) of the given sample indices."""
-    config = model.config
-    shape = (config["in_channels"], config["input_size"], config["input_size"])
-    labels = torch.tensor([i % config["num_classes"] for i in indices])   # class-balanced
-    x = dit_sample(model, sample_noise(args.seed, indices, shape).to(device), labels.to(device), args)
-    return to_uint8(tok.decode(tok.denormalize(x))), labels.numpy()
-
-
-def dit_sample(model, noise, y, args):
-    return dit.sample(model, noise, y, steps=args.steps, method=args.method, cfg_scale=args.cfg_scale,
-                      cfg_interval=args.cfg_interval, shift=args.shift, cfg_channels=args.cfg_channels)
-
-
-def shard_folder(out):
-    return os.path.splitext(out)[0] + "_shards"
-
-
-def check_shard_settings(folder, settings, rank, world_size):
-    """Shards are only reused when made with the same settings."""
-    path = os.path.join(folder, "settings.json")
-    if rank == 0:
-        os.makedirs(folder, exist_ok=True)
-        if not os.path.isfile(path):
-            save_json(path, settings)
-    barrier(world_size)
-    with open(path) as f:
-        saved = json.load(f)
-    if saved != settings:
-        changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
-        raise SystemExit(f"{folder} holds shards made with other settings ({', '.join(changed)}); "
-                         f"rerun with the same flags, or delete the folder to start over")
-
-
-def cmd_sample(args):
-    rank, world_size, device = setup_distributed(args.device)
-    model, checkpoint = dit.load_dit(args.ckpt, use_ema=True)
-    tok_path = args.tokenizer or checkpoint.get("args", {}).get("tokenizer")
-    if not tok_path:
-        raise SystemExit(f"{args.ckpt} names no tokenizer checkpoint; pass --tokenizer PATH")
-    tok = load_tokenizer(tok_path)
-    model, tok = model.to(device), tok.to(device)
-    if rank == 0 and args.num % model.config["num_classes"]:
-        print(f"--num-samples {args.num} is not a multiple of {model.config['num_classes']} classes: "
-              f"class counts will differ by one")
-    settings = dict(ckpt=os.path.abspath(args.ckpt), tokenizer=os.path.abspath(tok_path), num=args.num,
-                    shard_size=args.shard_size, seed=args.seed, steps=args.steps, method=args.method,
-                    cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval, shift=args.shift,
-                    cfg_channels=args.cfg_channels)
-    folder = shard_folder(args.out)
-    check_shard_settings(folder, settings, rank, world_size)
-    num_shards = math.ceil(args.num / args.shard_size)
-    shard_paths = [os.path.join(folder, f"shard_{s:06d}.npz") for s in range(num_shards)]
-    for s in range(rank, num_shards, world_size):
-        if os.path.isfile(shard_paths[s]):
-            continue
-        indices = list(range(s * args.shard_size, min((s + 1) * args.shard_size, args.num)))
-        parts = [sample_images(model, tok, indices[b:b + args.batch_size], args, device)
-                 for b in range(0, len(indices), args.batch_size)]
-        save_npz(shard_paths[s], arr_0=np.concatenate([p[0] for p in parts]),
-                 arr_1=np.concatenate([p[1] for p in parts]))
-        print(f"[rank {rank}] shard {s + 1}/{num_shards} done")
-    barrier(world_size)
-    if rank == 0:
-        shards = [load_npz(p) for p in shard_paths]
-        save_npz(args.out, arr_0=np.concatenate([s["arr_0"] for s in shards]),
-                 arr_1=np.concatenate([s["arr_1"] for s in shards]))
-        print(f"wrote {args.num} samples to {args.out} (shards kept in {folder})")
-    barrier(world_size)
-    cleanup_distributed()
-
-
-@torch.no_grad()
 def cmd_recon(args):
     tok = load_tokenizer(args.tokenizer).to(args.device)
     inception = inception_from_args(args, "rFID")
-    if inception is None and args.dinov2_weights:
-        fd_encoder, fd_name = load_dinov2(args.dinov2, args.dinov2_weights).to(args.device).eval(), "fd_dinov2"
-    elif inception is None:
-        print(f"computing the Frechet distance in the tokenizer's own (fine-tuned) encoder features instead; "
-              f"pass --dinov2-weights {args.dinov2}_pretrain.pth for FD_DINOv2 proper")
-        fd_encoder, fd_name = tok.encoder, "fd_tokenizer_encoder"
-    dataset = data_from_args(args, tok.image_size)
-    labels, psnrs, ssims, latents, real, fake = [], [], [], [], [], []
-    for images in dataset_batches(dataset, args.batch_size, args.workers, labels):
-        images = images.to(args.device)                                   # (N, 3, H, W) in [0, 1]
-        z = tok.encode(2 * images - 1)                                    # (N, C, h, w)
-        recon = ((tok.decode(z) + 1) / 2).clamp(0, 1)
-        if args.quantize:                                                 # as a saved 8-bit image
-            recon = torch.round(recon * 255) / 255
-        psnrs.append(psnr(images, recon).cpu())
-        ssims.append(ssim(images, recon).cpu())
-        latents.append((z.mean(dim=(2, 3)) if args.probe_features == "mean" else z.flatten(1)).cpu())
-        if inception is not None:
-            real.append(inception(images).cpu())
-            fake.append(inception(recon).cpu())
+    if inception is not None:
+        name, fn = "rfid", inception
+    else:
+        if args.dinov2_weights:
+            encoder, name = load_dinov2(args.dinov2, args.dinov2_weights).to(args.device).eval(), "fd_dinov2"
         else:
-            real.append(dinov2_features(fd_encoder, images, args.dinov2_size).cpu())
-            fake.append(dinov2_features(fd_encoder, recon, args.dinov2_size).cpu())
-    results = {"num_images": len(labels), "psnr": torch.cat(psnrs).mean().item(),
-               "ssim": torch.cat(ssims).mean().item()}
-    distance = frechet_distance(*statistics(torch.cat(real).numpy()), *statistics(torch.cat(fake).numpy()))
-    results["rfid" if inception is not None else fd_name] = distance
-    results["linear_probe"] = linear_probe(torch.cat(latents), labels, args.probe_holdout, args.probe_ridge)
+            print(f"computing the Frechet distance in the tokenizer's own (fine-tuned) encoder features instead; "
+                  f"pass --dinov2-weights {args.dinov2}_pretrain.pth for FD_DINOv2 proper")
+            encoder, name = tok.encoder, "fd_tokenizer_encoder"
+        fn = lambda images: dinov2_features(encoder, images, args.dinov2_size)
+    measured = measure_reconstructions(tok, data_from_args(args, tok.image_size), args, {name: fn},
+                                       probe=args.probe_features, quantize=args.quantize)
+    results = {"num_images": len(measured["labels"]), "psnr": measured["psnr"].mean().item(),
+               "ssim": measured["ssim"].mean().item(), name: feature_distance(*measured["features"][name]),
+               "linear_probe": linear_probe(measured["latents"], measured["labels"], args.probe_holdout,
+                                            args.probe_ridge)}
     report(results, args.out)
-
-
-@torch.no_grad()
-def report_reconstructions(classifier, tok, dataset, args):
-    """PSNR/SSIM, the stand-in's Frechet distance and accuracy on reconstructions, the
-    latents' linear probe; writes recon.png. Returns the results and the real features."""
-    labels, psnrs, ssims, latents, correct = [], [], [], [], {"real": [], "reconstructions": []}
-    features = {"real": [], "reconstructions": []}
-    for images in dataset_batches(dataset, args.batch_size, args.workers, labels):
-        images = images.to(args.device)                                   # (N, 3, H, W) in [0, 1]
-        z = tok.encode(2 * images - 1)                                    # (N, C, h, w)
-        recon = torch.round(((tok.decode(z) + 1) / 2).clamp(0, 1) * 255) / 255   # as a saved 8-bit image
-        targets = torch.tensor(labels[-len(images):], device=args.device)
-        psnrs.append(psnr(images, recon).cpu())
-        ssims.append(ssim(images, recon).cpu())
-        latents.append(z.mean(dim=(2, 3)).cpu())
-        for name, batch in (("real", images), ("reconstructions", recon)):
-            f = classifier.features(2 * batch - 1)                        # (N, 2D)
-            features[name].append(f.cpu())
-            correct[name].append((classifier.head(f).argmax(1) == targets).cpu())
-        if len(psnrs) == 1:   # the first ten images over their reconstructions
-            save_grid(torch.cat((images[:10], recon[:10])) * 2 - 1, args.recon_png, nrow=min(10, len(images)))
-    real = torch.cat(features["real"]).numpy()
-    return {"num_images": len(labels), "psnr": torch.cat(psnrs).mean().item(),
-            "ssim": torch.cat(ssims).mean().item(),
-            "fd_stand_in_reconstructions": frechet_distance(*statistics(real),
-                                                            *statistics(torch.cat(features["reconstructions"]).numpy())),
-            "linear_probe_latents": linear_probe(torch.cat(latents), labels),
-            "stand_in_accuracy_real": torch.cat(correct["real"]).float().mean().item(),
-            "stand_in_accuracy_reconstructions": torch.cat(correct["reconstructions"]).float().mean().item()}, real
 
 
 @torch.no_grad()
@@ -803,10 +424,11 @@ def report_samples(classifier, real, args):
     columns = min(args.grid_columns, *(len(row) for row in rows.values()))
     save_grid(torch.cat([torch.stack(rows[label][:columns]) for label in sorted(rows)]), args.samples_png, nrow=columns)
     return {"num_samples": len(sample_labels),
-            "fd_stand_in_samples": frechet_distance(*statistics(real), *statistics(torch.cat(features).cpu().numpy())),
+            "fd_stand_in_samples": feature_distance(real, torch.cat(features).cpu()),
             "class_agreement_samples": torch.cat(agreement).float().mean().item()}
 
 
+@torch.no_grad()
 def cmd_report(args):
     """The embedded demo's summary: reconstruction and sample quality measured in the
     stage-0 stand-in encoder's features (no Inception or DINOv2 weights needed), the
@@ -814,7 +436,19 @@ def cmd_report(args):
     class it was conditioned on. Writes metrics.json, recon.png and samples.png."""
     classifier = load_stand_in(args.stand_in).to(args.device)
     tok = load_tokenizer(args.tokenizer).to(args.device)
-    results, real = report_reconstructions(classifier, tok, data_from_args(args, tok.image_size), args)
+    measured = measure_reconstructions(tok, data_from_args(args, tok.image_size), args,
+                                       {"stand_in": lambda images: classifier.features(2 * images - 1)},
+                                       grid_path=args.recon_png)
+    real, reconstructed = measured["features"]["stand_in"]
+    labels = torch.tensor(measured["labels"])
+    results = {"num_images": len(labels), "psnr": measured["psnr"].mean().item(),
+               "ssim": measured["ssim"].mean().item(),
+               "fd_stand_in_reconstructions": feature_distance(real, reconstructed),
+               "linear_probe_latents": linear_probe(measured["latents"], measured["labels"]),
+               "stand_in_accuracy_real": (classifier.head(real.to(args.device)).argmax(1).cpu() == labels)
+               .float().mean().item(),
+               "stand_in_accuracy_reconstructions": (classifier.head(reconstructed.to(args.device)).argmax(1).cpu()
+                                                     == labels).float().mean().item()}
     results.update(report_samples(classifier, real, args))
     report(results, args.out)
 
@@ -866,23 +500,6 @@ def build_parser():
     metrics.add_argument("--pr-batch-size", type=int, default=10000, help="rows per distance block")
     metrics.add_argument("--is-splits", type=int, default=10, help="Inception Score splits (ADM: 5000-image splits of 50K)")
 
-    sample = commands.add_parser("sample", help="class-balanced samples of a DiT (torchrun for several GPUs)")
-    add_common(sample)
-    sample.add_argument("--ckpt", required=True, help="DiT training checkpoint")
-    sample.add_argument("--tokenizer", default=None, help="tokenizer checkpoint (default: the DiT checkpoint's)")
-    sample.add_argument("--num-samples", "--num", dest="num", type=int, default=50000,
-                        help="number of samples (50 per class for ImageNet); under torchrun spell it "
-                             "--num-samples, since torchrun reads --num as its own --numa-binding")
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--steps", type=int, default=50, help="model evaluations per sample")
-    sample.add_argument("--method", default="euler", choices=("euler", "heun"))
-    sample.add_argument("--cfg-scale", type=float, default=1.0)
-    sample.add_argument("--cfg-interval", type=float, default=0.1,
-                        help="guide only where the shifted t >= this (LightningDiT, 64 epochs: 0.1; 800: 0.125)")
-    sample.add_argument("--shift", type=float, default=0.3, help="timestep shift s")
-    sample.add_argument("--cfg-channels", type=int, default=None, help="guide only the first N channels (3: released LightningDiT)")
-    sample.add_argument("--shard-size", type=int, default=1000, help="samples per resumable shard file")
-
     recon = commands.add_parser("recon", help="rFID / FD_DINOv2, PSNR, SSIM and linear probe of a tokenizer")
     add_common(recon)
     add_inception(recon)
@@ -912,15 +529,14 @@ def build_parser():
     return parser
 
 
-COMMANDS = {"stats": cmd_stats, "metrics": cmd_metrics, "sample": cmd_sample, "recon": cmd_recon,
-            "report": cmd_report}
+COMMANDS = {"stats": cmd_stats, "metrics": cmd_metrics, "recon": cmd_recon, "report": cmd_report}
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.command in ("stats", "sample") and not args.out:
+    if args.command == "stats" and not args.out:
         raise SystemExit(f"{args.command}: pass --out PATH")
-    if args.command != "sample" and not getattr(args, "allow_tf32", False):
+    if not getattr(args, "allow_tf32", False):
         # TF32 rounds convolution inputs to 10-bit mantissas; keep the features exact
         # float32 so that the numbers compare with pytorch-fid's and ADM's.
         torch.backends.cudnn.allow_tf32 = False

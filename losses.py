@@ -1,5 +1,5 @@
 """
-Losses for training the AlignTok tokenizer (REFERENCE.md section 2).
+Losses for training the AlignTok tokenizer.
 
     L_rec = L1(x, x_hat) + 1.0 * LPIPS(x, x_hat) + 0.5 * lambda_adapt * generator_loss(D(x_hat))
     L_sp  = semantic_preservation_loss(z, z_frozen)        (stage 2 only)
@@ -10,13 +10,12 @@ discriminator with its hinge losses, LDM's adaptive GAN weight, and the semantic
 preservation loss.
 """
 import math
-import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer import load_state_dict_strict
+from layers import constructor_config, load_state_dict_strict, read_weights
 
 
 #################################################################################
@@ -100,10 +99,9 @@ class LPIPS(nn.Module):
 
 
 def _load_weights_file(path, flag, what, url):
-    if path is None or not os.path.isfile(path):
-        raise FileNotFoundError(f"{flag}: no file at {path!r}; pass the path of {what} "
-                                f"(official file: {url}).")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    if path is None:
+        raise FileNotFoundError(f"{flag}: no file given; pass the path of {what} (official file: {url}).")
+    return read_weights(path, f"{what} ({flag})", f"official file: {url}")
 
 
 def load_lpips(vgg_weights, lpips_weights):
@@ -147,6 +145,7 @@ class PatchDiscriminator(nn.Module):
     Convs followed by a norm carry no bias, as in LDM.
     """
     def __init__(self, in_channels=3, width=64, n_layers=3, norm="batch"):
+        self.config = constructor_config(locals())
         super().__init__()
         bias = norm == "none"
         layers = [nn.Conv2d(in_channels, width, 4, 2, 1), nn.LeakyReLU(0.2)]
@@ -190,7 +189,7 @@ def adaptive_weight(rec_loss, gan_loss, last_layer, max_weight=1e4):
     """lambda_adapt = ||d rec_loss / d W|| / (||d gan_loss / d W|| + 1e-4), clamped to
     [0, max_weight] and detached, W the decoder's last conv weight. It balances the GAN
     gradient against the reconstruction gradient at the decoder output. The generator's
-    GAN term is then 0.5 * lambda_adapt * gan_loss (spec). Graphs are retained so that
+    GAN term is then 0.5 * lambda_adapt * gan_loss (LDM's disc_weight; docs/method.md). Graphs are retained so that
     the caller can still backpropagate the total loss."""
     rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
     gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]

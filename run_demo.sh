@@ -30,7 +30,7 @@ python train_diffusion.py --tokenizer "$RUN/stage3/checkpoint.pt" --out "$RUN/di
     --num-images "${DEMO_IMAGES:-10000}" --depth 4 --hidden-size 128 --num-heads 2 --batch-size 32 --lr 1e-3 \
     --ema-decay 0.999 --ema-warmup 10 --sample-every 1000 --ckpt-every 1000 --log-every 100 --resume
 
-python evaluate.py sample --ckpt "$RUN/dit/checkpoint.pt" --out "$RUN/samples.npz" --num-samples "${DEMO_SAMPLES:-500}" \
+python sample.py --ckpt "$RUN/dit/checkpoint.pt" --out "$RUN/samples.npz" --num-samples "${DEMO_SAMPLES:-500}" \
     --steps 50 --cfg-scale 3.0 --cfg-interval 0.1 --batch-size 100 --device cpu
 python evaluate.py report --stand-in "$RUN/stage0/checkpoint.pt" --tokenizer "$RUN/stage3/checkpoint.pt" \
     --samples "$RUN/samples.npz" --data synthetic --num-images "${DEMO_EVAL_IMAGES:-1000}" --workers 0 --device cpu \

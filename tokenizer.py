@@ -1,12 +1,13 @@
 """
-The AlignTok tokenizer: a DINOv2 encoder, an adapter to a small latent, and a
-convolutional decoder (arXiv 2509.25162).
+The AlignTok tokenizer (arXiv 2509.25162): a DINOv2 encoder, an adapter to a small
+latent, and a convolutional decoder.
 
     image [-1, 1] --resize--> DINOv2 --> patch tokens --> adapter --> z (N, C, h, w)
     z --> decoder --> image [-1, 1]
 
-The file reads top to bottom: the shared attention, the DINOv2 ViT and its weight
-loading, then the adapter, the decoder and the AlignTok module that joins them.
+The file reads top to bottom: the DINOv2 ViT, the adapter, the decoder and the AlignTok
+module that joins them; then the stage-0 stand-in classifier for runs without DINOv2
+weights; then reading DINOv2 weight files (official .pth, Hugging Face safetensors or bin).
 """
 import json
 import math
@@ -16,48 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-#################################################################################
-#                     Attention (shared with the DiT in dit.py)                 #
-#################################################################################
-
-def apply_rope(x, cos, sin):
-    """Rotates adjacent pairs of channels (x[2i], x[2i+1]) of x (N, H, T, Dh) by the
-    angles whose cos/sin are given per token and pair, shape (T, Dh // 2)."""
-    x_even, x_odd = x[..., 0::2], x[..., 1::2]
-    rotated_even = x_even * cos - x_odd * sin
-    rotated_odd = x_even * sin + x_odd * cos
-    return torch.stack((rotated_even, rotated_odd), dim=-1).flatten(-2)
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention, the one attention of the project.
-
-    Optional QK-norm (RMSNorm per head on q and k, applied before RoPE) and optional
-    rotary embedding given as a (cos, sin) pair at call time. There is no branching on
-    tensor values, so the module compiles with torch.compile(fullgraph=True).
-    """
-
-    def __init__(self, dim, num_heads, qkv_bias=True, qk_norm=False):
-        super().__init__()
-        assert dim % num_heads == 0, f"dim {dim} is not divisible by num_heads {num_heads}"
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x, rope=None):
-        N, T, D = x.shape
-        qkv = self.qkv(x).reshape(N, T, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)          # each (N, H, T, Dh)
-        q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        x = F.scaled_dot_product_attention(q, k, v)               # (N, H, T, Dh)
-        x = x.transpose(1, 2).reshape(N, T, D)                    # (N, T, D)
-        return self.proj(x)
+from layers import (Attention, PatchEmbed, SwiGLU, check_config, constructor_config, load_state_dict_strict,
+                    read_weights)
 
 
 #################################################################################
@@ -97,19 +58,6 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-class SwiGLU(nn.Module):
-    """SwiGLU MLP with one fused input projection (w12) split into gate and value; the
-    giant DINOv2's MLP and LightningDiT's."""
-
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.w12 = nn.Linear(dim, 2 * hidden)
-        self.w3 = nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        gate, value = self.w12(x).chunk(2, dim=-1)                  # each (N, T, hidden)
-        return self.w3(F.silu(gate) * value)                        # (N, T, D)
-
 
 class LayerScale(nn.Module):
     def __init__(self, dim):
@@ -137,17 +85,6 @@ class ViTBlock(nn.Module):
         return x
 
 
-class PatchEmbed(nn.Module):
-    """Non-overlapping patches to tokens (DINOv2's image patches, the DiT's latent patches)."""
-
-    def __init__(self, patch_size, in_channels, dim):
-        super().__init__()
-        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)           # (N, h*w, D)
-
-
 class DINOv2(nn.Module):
     """The DINOv2 ViT with the official parameter names, so official state dicts load
     as they are. Tokens are [CLS, registers, patches]; registers get no position
@@ -156,10 +93,8 @@ class DINOv2(nn.Module):
 
     def __init__(self, embed_dim=384, depth=12, num_heads=6, ffn="mlp", patch_size=14,
                  img_size=518, num_register_tokens=0):
+        self.config = constructor_config(locals())
         super().__init__()
-        self.config = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, ffn=ffn,
-                           patch_size=patch_size, img_size=img_size,
-                           num_register_tokens=num_register_tokens)
         self.embed_dim = embed_dim
         self.patch_size = patch_size
         self.num_register_tokens = num_register_tokens
@@ -239,123 +174,6 @@ class DINOv2(nn.Module):
         return self.forward_features(x)["x_norm_clstoken"]
 
 
-#################################################################################
-#                           DINOv2 weight loading                               #
-#################################################################################
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}
-
-
-def read_safetensors(path):
-    """Reads a .safetensors file: an 8-byte little-endian header length, a JSON header
-    naming each tensor's dtype, shape and byte range, then the raw bytes."""
-    with open(path, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_len))
-        data = bytearray(f.read())
-    state = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-        tensor = torch.frombuffer(data, dtype=dtype, offset=start, count=(end - start) // dtype.itemsize) \
-            if end > start else torch.empty(0, dtype=dtype)
-        state[name] = tensor.reshape(info["shape"]).clone()
-    return state
-
-
-def convert_hf_dinov2(state):
-    """Converts a Hugging Face Dinov2Model / Dinov2WithRegistersModel state dict to the
-    official key layout. Both the hub files' names (attention.attention.query, ...) and
-    newer transformers' names (attention.q_proj, mlp.gate_proj, ...) are accepted; split
-    projections are fused back (q, k, v into qkv; gate, up into w12)."""
-    state = {k.removeprefix("dinov2."): v for k, v in state.items()}
-    renames = {
-        "embeddings.cls_token": "cls_token", "embeddings.mask_token": "mask_token",
-        "embeddings.position_embeddings": "pos_embed", "embeddings.register_tokens": "register_tokens",
-        "embeddings.patch_embeddings.projection.": "patch_embed.proj.", "layernorm.": "norm.",
-    }
-    block_renames = {
-        "attention.output.dense.": "attn.proj.", "attention.o_proj.": "attn.proj.",
-        "layer_scale1.lambda1": "ls1.gamma", "layer_scale2.lambda1": "ls2.gamma",
-        "mlp.weights_in.": "mlp.w12.", "mlp.weights_out.": "mlp.w3.", "mlp.down_proj.": "mlp.w3.",
-    }
-    # Split projections that the official layout keeps fused: name -> (fused name, part, parts).
-    fused = {"attention.attention.query.": ("attn.qkv.", 0, 3), "attention.q_proj.": ("attn.qkv.", 0, 3),
-             "attention.attention.key.": ("attn.qkv.", 1, 3), "attention.k_proj.": ("attn.qkv.", 1, 3),
-             "attention.attention.value.": ("attn.qkv.", 2, 3), "attention.v_proj.": ("attn.qkv.", 2, 3),
-             "mlp.gate_proj.": ("mlp.w12.", 0, 2), "mlp.up_proj.": ("mlp.w12.", 1, 2)}
-    out, fused_parts = {}, {}
-    for key, value in state.items():
-        new_key = key
-        if key.startswith("encoder.layer."):
-            index, rest = key.removeprefix("encoder.layer.").split(".", 1)
-            split = [(n, f) for n, f in fused.items() if rest.startswith(n)]
-            if split:
-                name, (fused_name, part, parts) = split[0]
-                target = f"blocks.{index}.{fused_name}{rest[len(name):]}"
-                fused_parts.setdefault(target, [None] * parts)[part] = value
-                continue
-            for old, new in block_renames.items():
-                if rest.startswith(old):
-                    rest = new + rest[len(old):]
-                    break
-            new_key = f"blocks.{index}.{rest}"
-        else:
-            for old, new in renames.items():
-                if key.startswith(old):
-                    new_key = new + key[len(old):]
-                    break
-        out[new_key] = value  # a key we do not know stays as is, so strict loading names it
-    for key, parts in fused_parts.items():
-        if any(p is None for p in parts):
-            raise RuntimeError(f"Hugging Face DINOv2 weights lack one of the parts of {key}")
-        out[key] = torch.cat(parts, dim=0)
-    return out
-
-
-def read_dinov2_weights(path):
-    """A state dict in the official key layout from an official .pth, or from a Hugging
-    Face model.safetensors / pytorch_model.bin."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"DINOv2 weight file not found: {path} (pass the path of an official "
-                                f"dinov2_*_pretrain.pth or a Hugging Face model.safetensors)")
-    if path.endswith(".safetensors"):
-        return official_dinov2_layout(read_safetensors(path))
-    return official_dinov2_layout(torch.load(path, map_location="cpu", weights_only=True))
-
-
-def official_dinov2_layout(state):
-    """An already loaded DINOv2 state dict in the official key layout (HF ports converted)."""
-    if any(k.startswith(("embeddings.", "dinov2.embeddings.")) for k in state):
-        return convert_hf_dinov2(state)
-    return state
-
-
-def load_state_dict_strict(model, state, source):
-    """load_state_dict that fails loudly, naming missing, unexpected and mis-shaped keys
-    and the file they came from."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = sorted(f"{k} (file {tuple(state[k].shape)}, model {tuple(own[k].shape)})"
-                        for k in set(own) & set(state) if state[k].shape != own[k].shape)
-    if missing or unexpected or mismatched:
-        problems = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mismatched)):
-            if keys:
-                shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
-                problems.append(f"{label} keys: {shown}")
-        raise RuntimeError(f"{source} does not match the model: " + "; ".join(problems)
-                           + ". Check that the file and the model name/overrides belong together.")
-    model.load_state_dict(state, strict=True)
-
-
 def load_dinov2(name, weights=None, **overrides):
     """Builds a DINOv2 ViT by its torch.hub name ("dinov2_vitl14", "dinov2_vitl14_reg", ...).
 
@@ -378,6 +196,7 @@ def load_dinov2(name, weights=None, **overrides):
     if weights is not None:
         load_state_dict_strict(model, read_dinov2_weights(weights), weights)
     return model
+
 
 
 #################################################################################
@@ -524,14 +343,10 @@ class AlignTok(nn.Module):
     def __init__(self, encoder_name="dinov2_vitl14", encoder_overrides=None, latent_channels=32,
                  adapter_hidden=None, decoder_width=128, decoder_multipliers=(1, 1, 2, 2, 4),
                  decoder_res_blocks=2, image_size=256, encoder_size=224):
+        config = constructor_config(locals())
         super().__init__()
-        encoder_overrides = dict(encoder_overrides or {})
-        self.config = dict(encoder_name=encoder_name, encoder_overrides=encoder_overrides,
-                           latent_channels=latent_channels, adapter_hidden=adapter_hidden,
-                           decoder_width=decoder_width, decoder_multipliers=tuple(decoder_multipliers),
-                           decoder_res_blocks=decoder_res_blocks, image_size=image_size,
-                           encoder_size=encoder_size)
-        self.encoder = load_dinov2(encoder_name, **encoder_overrides)
+        self.config = config
+        self.encoder = load_dinov2(encoder_name, **(encoder_overrides or {}))
         if encoder_size % self.encoder.patch_size:
             raise ValueError(f"encoder_size {encoder_size} is not a multiple of the encoder's patch size "
                              f"{self.encoder.patch_size}")
@@ -573,19 +388,19 @@ class AlignTok(nn.Module):
         return z * self.latent_std.view(1, -1, 1, 1) + self.latent_mean.view(1, -1, 1, 1)
 
 
-def load_tokenizer(path, map_location="cpu", use_ema=True):
+def load_tokenizer(path, use_ema=True):
     """Rebuilds an AlignTok from a train_tokenizer.py checkpoint alone (eval mode, the
     EMA weights unless use_ema=False)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"tokenizer checkpoint not found: {path} (train one with "
-                                f"train_tokenizer.py --stage 1/2/3 and pass its .pt file)")
-    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    checkpoint = read_weights(path, "tokenizer checkpoint", "train one with train_tokenizer.py --stage 1/2/3 "
+                                                            "and pass its checkpoint.pt")
     if "tokenizer_config" not in checkpoint:
         raise ValueError(f"{path} is not a tokenizer checkpoint (stage 0 checkpoints hold only the "
-                         f"stand-in encoder; pass the checkpoint of stage 1, 2 or 3)")
-    model = AlignTok(**checkpoint["tokenizer_config"])
+                         f"stand-in encoder, DiT checkpoints a LightningDiT; pass the checkpoint of "
+                         f"train_tokenizer.py stage 1, 2 or 3)")
+    model = AlignTok(**check_config(AlignTok, checkpoint["tokenizer_config"], path))
     load_state_dict_strict(model, checkpoint["ema" if use_ema else "model"], path)
     return model.eval()
+
 
 
 #################################################################################
@@ -599,6 +414,7 @@ class EncoderClassifier(nn.Module):
     its classifier later judges whether generated samples show their class."""
 
     def __init__(self, encoder_config, num_classes, encoder_size):
+        self.config = constructor_config(locals())
         super().__init__()
         self.encoder_size = encoder_size
         self.encoder = DINOv2(**encoder_config)
@@ -615,17 +431,116 @@ class EncoderClassifier(nn.Module):
         return self.head(self.features(images))                     # (N, classes)
 
 
-def load_stand_in(path, map_location="cpu"):
+def load_stand_in(path):
     """The stage-0 EncoderClassifier from its checkpoint (eval mode)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"stage-0 checkpoint not found: {path} (run train_tokenizer.py --stage 0)")
-    return stand_in_from_checkpoint(torch.load(path, map_location=map_location, weights_only=True), path)
+    return stand_in_from_checkpoint(read_weights(path, "stage-0 checkpoint", "run train_tokenizer.py --stage 0"),
+                                    path)
 
 
 def stand_in_from_checkpoint(checkpoint, source):
     """The EncoderClassifier of an already loaded stage-0 checkpoint (eval mode)."""
     if checkpoint.get("stage") != 0:
         raise ValueError(f"{source} is not a stage-0 checkpoint (it has no stand-in encoder classifier)")
-    model = EncoderClassifier(checkpoint["encoder_config"], checkpoint["num_classes"], checkpoint["encoder_size"])
+    model = EncoderClassifier(**check_config(EncoderClassifier, checkpoint["stand_in_config"], source))
     load_state_dict_strict(model, checkpoint["ema"], source)
     return model.eval()
+
+
+#################################################################################
+#                           DINOv2 weight loading                               #
+#################################################################################
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def read_safetensors(path):
+    """Reads a .safetensors file: an 8-byte little-endian header length, a JSON header
+    naming each tensor's dtype, shape and byte range, then the raw bytes."""
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+        data = bytearray(f.read())
+    state = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+        tensor = torch.frombuffer(data, dtype=dtype, offset=start, count=(end - start) // dtype.itemsize) \
+            if end > start else torch.empty(0, dtype=dtype)
+        state[name] = tensor.reshape(info["shape"]).clone()
+    return state
+
+
+def convert_hf_dinov2(state):
+    """Converts a Hugging Face Dinov2Model / Dinov2WithRegistersModel state dict to the
+    official key layout. Both the hub files' names (attention.attention.query, ...) and
+    newer transformers' names (attention.q_proj, mlp.gate_proj, ...) are accepted; split
+    projections are fused back (q, k, v into qkv; gate, up into w12)."""
+    state = {k.removeprefix("dinov2."): v for k, v in state.items()}
+    renames = {
+        "embeddings.cls_token": "cls_token", "embeddings.mask_token": "mask_token",
+        "embeddings.position_embeddings": "pos_embed", "embeddings.register_tokens": "register_tokens",
+        "embeddings.patch_embeddings.projection.": "patch_embed.proj.", "layernorm.": "norm.",
+    }
+    block_renames = {
+        "attention.output.dense.": "attn.proj.", "attention.o_proj.": "attn.proj.",
+        "layer_scale1.lambda1": "ls1.gamma", "layer_scale2.lambda1": "ls2.gamma",
+        "mlp.weights_in.": "mlp.w12.", "mlp.weights_out.": "mlp.w3.", "mlp.down_proj.": "mlp.w3.",
+    }
+    # Split projections that the official layout keeps fused: name -> (fused name, part, parts).
+    fused = {"attention.attention.query.": ("attn.qkv.", 0, 3), "attention.q_proj.": ("attn.qkv.", 0, 3),
+             "attention.attention.key.": ("attn.qkv.", 1, 3), "attention.k_proj.": ("attn.qkv.", 1, 3),
+             "attention.attention.value.": ("attn.qkv.", 2, 3), "attention.v_proj.": ("attn.qkv.", 2, 3),
+             "mlp.gate_proj.": ("mlp.w12.", 0, 2), "mlp.up_proj.": ("mlp.w12.", 1, 2)}
+    out, fused_parts = {}, {}
+    for key, value in state.items():
+        new_key = key
+        if key.startswith("encoder.layer."):
+            index, rest = key.removeprefix("encoder.layer.").split(".", 1)
+            split = [(n, f) for n, f in fused.items() if rest.startswith(n)]
+            if split:
+                name, (fused_name, part, parts) = split[0]
+                target = f"blocks.{index}.{fused_name}{rest[len(name):]}"
+                fused_parts.setdefault(target, [None] * parts)[part] = value
+                continue
+            for old, new in block_renames.items():
+                if rest.startswith(old):
+                    rest = new + rest[len(old):]
+                    break
+            new_key = f"blocks.{index}.{rest}"
+        else:
+            for old, new in renames.items():
+                if key.startswith(old):
+                    new_key = new + key[len(old):]
+                    break
+        out[new_key] = value  # a key we do not know stays as is, so strict loading names it
+    for key, parts in fused_parts.items():
+        if any(p is None for p in parts):
+            raise RuntimeError(f"Hugging Face DINOv2 weights lack one of the parts of {key}")
+        out[key] = torch.cat(parts, dim=0)
+    return out
+
+
+def read_dinov2_weights(path):
+    """A state dict in the official key layout from an official .pth, or from a Hugging
+    Face model.safetensors / pytorch_model.bin."""
+    hint = "pass the path of an official dinov2_*_pretrain.pth or a Hugging Face model.safetensors"
+    if path.endswith(".safetensors"):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"DINOv2 weight file not found: {path} ({hint})")
+        return official_dinov2_layout(read_safetensors(path))
+    return official_dinov2_layout(read_weights(path, "DINOv2 weight file", hint))
+
+
+def official_dinov2_layout(state):
+    """An already loaded DINOv2 state dict in the official key layout (HF ports converted)."""
+    if any(k.startswith(("embeddings.", "dinov2.embeddings.")) for k in state):
+        return convert_hf_dinov2(state)
+    return state
+
+

@@ -1,6 +1,6 @@
 r"""
-Trains LightningDiT, the class-conditional flow model (REFERENCE.md section 4), on the
-latents of a trained AlignTok tokenizer (arXiv 2509.25162).
+Trains LightningDiT, the class-conditional flow model, on the latents of a trained
+AlignTok tokenizer (arXiv 2509.25162).
 
 CPU demo on the embedded data set (the --model default, LightningDiT-B/1, is the paper's
 smallest size; the demo shrinks it with the override flags):
@@ -16,188 +16,26 @@ GPUs); --qk-norm for long runs (800 epochs), whose loss otherwise turns NaN afte
         --qk-norm --compile --workers 8 --out runs/dit-xl
 
 The first run encodes the data set once, each image and its horizontal flip, into a
-latent cache (see cache_latents); later runs with the same tokenizer and data reuse it.
+latent cache (latents.py); later runs with the same tokenizer and data reuse it.
 The run folder gets checkpoint.pt (written atomically; --resume continues it exactly),
 metrics.jsonl and samples.png (EMA model, one row per class).
 """
 import argparse
 import copy
-import hashlib
-import json
 import os
-import time
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import StepBatchSampler, build_dataset
+from data import build_dataset, step_loader
 from dit import DIT_NAMES, create_model, drop_labels, flow_loss, sample
-from tokenizer import load_state_dict_strict, load_tokenizer
-from training import (all_reduce_mean, atomic_path, autocast, barrier, cleanup_distributed, open_run,
-                      ema_decay, gather_rng_states, log_metrics, save_checkpoint, save_grid,
-                      set_rng_state, setup_distributed, trim_metrics, unwrap, update_ema)
-
-
-#################################################################################
-#                                 Latent cache                                  #
-#################################################################################
-
-def tokenizer_fingerprint(tokenizer):
-    """sha256 of everything encode() depends on: the config without the decoder fields and
-    the encoder and adapter weights. Hashing these rather than the file keeps the cache
-    valid for a copied, moved or decoder-only (stage 3) checkpoint with the same latents,
-    and rebuilds it whenever the latents could differ."""
-    digest = hashlib.sha256()
-    config = {k: v for k, v in tokenizer.config.items() if not k.startswith("decoder")}
-    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
-    for name, tensor in tokenizer.state_dict().items():
-        if name.startswith(("encoder.", "adapter.")):
-            digest.update(f"{name} {tuple(tensor.shape)} {tensor.dtype}".encode())
-            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
-def data_fingerprint(args, dataset, image_size):
-    """What pins the images: the synthetic set's size and seed, or an ImageFolder's file list
-    and labels (relative paths, so a moved copy of the tree keeps its cache)."""
-    fingerprint = dict(data=args.data if args.data == "synthetic" else "folder", num_images=len(dataset),
-                       image_size=image_size, num_classes=len(dataset.classes))
-    if args.data == "synthetic":
-        fingerprint["seed"] = args.seed
-    else:
-        listing = "\n".join(f"{os.path.relpath(path, args.data)}\t{label}" for path, label in dataset.folder.samples)
-        fingerprint["files"] = hashlib.sha256(listing.encode()).hexdigest()
-    return fingerprint
-
-
-def read_cache_header(path, fingerprint, shape):
-    """The cache's header if latents and header exist and match, else None."""
-    try:
-        with open(path.removesuffix(".npy") + ".json") as f:
-            header = json.load(f)
-        latents = np.load(path, mmap_mode="r")
-    except (OSError, ValueError):
-        return None
-    matches = (header.get("fingerprint") == json.loads(json.dumps(fingerprint))
-               and latents.shape == tuple(shape) and str(latents.dtype) == fingerprint["dtype"])
-    return header if matches else None
-
-
-def merge_parts(part_paths, path, shape, dtype):
-    """Concatenates the ranks' part files into the cache file, then renames it into place."""
-    if len(part_paths) == 1:
-        os.replace(part_paths[0], path)
-        return
-    temporary = part_paths[0] + ".merged"
-    merged = np.lib.format.open_memmap(temporary, mode="w+", dtype=dtype, shape=tuple(shape))
-    offset = 0
-    for part_path in part_paths:
-        part = np.load(part_path, mmap_mode="r")
-        for start in range(0, len(part), 4096):             # bounded memory on ImageNet-sized caches
-            chunk = part[start:start + 4096]
-            merged[offset + start:offset + start + len(chunk)] = chunk
-        offset += len(part)
-        del part
-        os.remove(part_path)
-    merged.flush()
-    del merged
-    os.replace(temporary, path)
-
-
-@torch.no_grad()
-def cache_latents(tokenizer, dataset, args, rank, world_size, device, expected_key=None):
-    """Returns the path of the latent cache of `dataset` under `tokenizer`, building it if needed.
-
-    Layout: <cache-dir>/latents-<key>.npy, an array (N, 2, C, h, w) of --cache-dtype, where
-    [:, 0] is the raw latent z of image i and [:, 1] that of its horizontal flip. Raw, not
-    normalised: the tokenizer's latent_mean / latent_std are applied when batches are drawn,
-    so the statistics are never baked into the cache. Beside it, latents-<key>.json holds
-    the header: the fingerprint (tokenizer_fingerprint, data_fingerprint, dtype), whose
-    sha256 is the <key>, plus the tokenizer and data paths for reference. Several tokenizers
-    can share one cache folder; a changed tokenizer or data set gets a new key, so a new file.
-    Labels are not stored: the fingerprint pins the data set, whose targets give them.
-
-    Under torchrun each rank encodes a contiguous block of images into its own part file,
-    then rank 0 concatenates the parts, renames the result into place and writes the header
-    last (the header is the commit mark). The cache folder must be visible to every rank.
-    expected_key (a resumed run's) stops with an error before anything is encoded if the
-    tokenizer or data differ from the run's.
-    The .npy is memory-mapped for training, so ImageNet's cache (1.28M x 2 x 32 x 16 x 16,
-    42 GB in float16) is shared by the ranks through the page cache instead of loaded 8 times.
-    """
-    folder = args.cache_dir or os.path.join(args.out, "latents")
-    channels, (h, w) = tokenizer.latent_mean.numel(), tokenizer.grid_size
-    shape = (len(dataset), 2, channels, h, w)
-    fingerprint = dict(tokenizer=tokenizer_fingerprint(tokenizer),
-                       data=data_fingerprint(args, dataset, tokenizer.image_size), dtype=args.cache_dtype)
-    key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
-    path = os.path.join(folder, f"latents-{key}.npy")
-    if expected_key is not None and key != expected_key:
-        raise SystemExit(f"error: the checkpoint in {args.out} was trained on other latents (key {expected_key}, "
-                         f"this command gives {key}); resume with the run's own --tokenizer and data flags "
-                         f"(they are in the checkpoint's args)")
-    found = [read_cache_header(path, fingerprint, shape) is not None]
-    if world_size > 1:  # rank 0 decides, so that no rank skips the barriers the others wait at
-        torch.distributed.broadcast_object_list(found, src=0)
-    if found[0]:
-        if rank == 0:
-            print(f"latent cache: reusing {path}")
-        return path, key
-
-    if rank == 0:
-        os.makedirs(folder, exist_ok=True)
-    barrier(world_size)
-    # One token per run folder, so two jobs building the same cache do not write the same parts.
-    token = hashlib.sha256(os.path.abspath(args.out).encode()).hexdigest()[:8]
-    part_paths = [f"{path}.{token}.part{r}of{world_size}" for r in range(world_size)]
-    start, end = rank * len(dataset) // world_size, (rank + 1) * len(dataset) // world_size
-    part = np.lib.format.open_memmap(part_paths[rank], mode="w+", dtype=args.cache_dtype,
-                                     shape=(end - start,) + shape[1:])
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(start, end)),
-                                         batch_size=args.cache_batch_size, num_workers=args.workers)
-    offset = 0
-    for images, _ in tqdm(loader, desc=f"encoding latents (rank 0 of {world_size})", disable=rank != 0,
-                          dynamic_ncols=True):
-        images = images.to(device)
-        with autocast(device):
-            z = tokenizer.encode(torch.cat((images, images.flip(-1)))).float()   # (2n, C, h, w)
-        pairs = torch.stack(z.chunk(2), dim=1).cpu().numpy().astype(args.cache_dtype)  # (n, 2, C, h, w)
-        if not np.isfinite(pairs).all():
-            raise SystemExit(f"error: the tokenizer gave non-finite latents (or they overflow {args.cache_dtype}; "
-                             f"try --cache-dtype float32); check --tokenizer {args.tokenizer}")
-        part[offset:offset + len(pairs)] = pairs
-        offset += len(pairs)
-    part.flush()
-    del part
-    barrier(world_size)
-    if rank == 0:
-        merge_parts(part_paths, path, shape, args.cache_dtype)
-        header = dict(fingerprint=fingerprint, shape=list(shape), tokenizer_path=os.path.abspath(args.tokenizer),
-                      data_path=args.data if args.data == "synthetic" else os.path.abspath(args.data),
-                      layout="(N, 2, C, h, w): [:, 0] image i, [:, 1] its horizontal flip; raw z, not normalised")
-        with atomic_path(path.removesuffix(".npy") + ".json") as temporary, open(temporary, "w") as f:
-            json.dump(header, f, indent=1)
-        print(f"latent cache: wrote {path}")
-    barrier(world_size)
-    return path, key
-
-
-class LatentPairs(torch.utils.data.Dataset):
-    """Item i: (the cached latent pair (2, C, h, w) as float32, label i). The .npy is opened
-    lazily in each process: a memmap handed to a worker would be pickled as a full copy."""
-
-    def __init__(self, path, targets):
-        self.path, self.targets, self.latents = path, list(targets), None
-
-    def __len__(self):
-        return len(self.targets)
-
-    def __getitem__(self, index):
-        if self.latents is None:
-            self.latents = np.load(self.path, mmap_mode="r")
-        return torch.from_numpy(self.latents[index].astype(np.float32)), self.targets[index]
+from latents import LatentPairs, cache_latents
+from layers import load_state_dict_strict
+from tokenizer import load_tokenizer
+from training import (MetricsLog, all_reduce_mean, autocast, cleanup_distributed, ema_decay, gather_rng_states,
+                      open_run, save_checkpoint, save_grid, set_rng_state, setup_distributed, trim_metrics, unwrap,
+                      update_ema)
 
 
 #################################################################################
@@ -277,10 +115,7 @@ def main(args):
     train_model = torch.compile(model) if args.compile else model
     if world_size > 1:
         train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
-    sampler = StepBatchSampler(len(latents), args.batch_size, rank, world_size, args.seed, start_step=step)
-    loader = iter(torch.utils.data.DataLoader(latents, batch_sampler=sampler, num_workers=args.workers,
-                                              pin_memory=device.type == "cuda",
-                                              persistent_workers=args.workers > 0))
+    loader = step_loader(latents, args.batch_size, rank, world_size, args.seed, step, args.workers, device)
     # Preview: fixed noise from its own generator, so previews never move the training RNG.
     rows = min(10, num_classes)
     preview_labels = torch.linspace(0, num_classes - 1, rows).round().long().repeat_interleave(args.sample_columns)
@@ -305,7 +140,7 @@ def main(args):
 
     # ---- loop --------------------------------------------------------------------
     progress = tqdm(total=args.steps, initial=step, desc="LightningDiT", disable=rank != 0, dynamic_ncols=True)
-    window, window_steps, window_start, last_logged = [], 0, time.time(), {}
+    log, record = MetricsLog(metrics_path, rank, world_size), {}
     while step < args.steps:
         pairs, labels = next(loader)
         pairs, labels = pairs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -323,22 +158,16 @@ def main(args):
         if finite:
             optimizer.step()
             update_ema(ema, unwrap(model), ema_decay(step, args.ema_decay, args.ema_warmup))
-            window.append([loss.item(), parts["mse"].item(), parts["cosine"].item(), grad_norm.item()])
+            log.add(dict(loss=loss, mse=parts["mse"], cosine=parts["cosine"], grad_norm=grad_norm))
         else:
             skipped += 1                                               # no update; the batch is spent
+            log.skip()
         step += 1
-        window_steps += 1
         progress.update(1)
 
         if step % args.log_every == 0 or step == args.steps:
-            means = np.mean(window, axis=0).tolist() if window else [None] * 4
-            record = {k: None if v is None else all_reduce_mean(v, world_size)
-                      for k, v in zip(("loss", "mse", "cosine", "grad_norm"), means)}
-            record.update(step=step, skipped=skipped, sec_per_step=(time.time() - window_start) / window_steps)
-            window, window_steps, window_start, last_logged = [], 0, time.time(), record
-            if rank == 0:
-                log_metrics(metrics_path, record)
-                progress.set_postfix(loss=record["loss"], skipped=skipped)
+            record = log.write(step=step, skipped=skipped)
+            progress.set_postfix(loss=record.get("loss"), skipped=skipped)
         if rank == 0 and (step % args.sample_every == 0 or step == args.steps):
             save_samples(ema, tokenizer, preview_noise, preview_labels, args, os.path.join(args.out, "samples.png"))
         if step % args.ckpt_every == 0 and step < args.steps:
@@ -346,7 +175,7 @@ def main(args):
     progress.close()
     write_checkpoint()
     if rank == 0:
-        print(f"LightningDiT done: {step} steps, loss {last_logged.get('loss')}, {skipped} skipped (non-finite); "
+        print(f"LightningDiT done: {step} steps, loss {record.get('loss')}, {skipped} skipped (non-finite); "
               f"checkpoint {checkpoint_path}")
     cleanup_distributed()
 

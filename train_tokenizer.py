@@ -24,22 +24,21 @@ metrics.jsonl and recon.png (originals over reconstructions).
 import argparse
 import copy
 import os
-import time
 
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import StepBatchSampler, build_dataset
-from evaluate import psnr
+from data import build_dataset, step_loader
+from layers import load_state_dict_strict
 from losses import (PatchDiscriminator, adaptive_weight, generator_loss, hinge_d_loss, load_lpips,
                     semantic_preservation_loss)
-from tokenizer import (AlignTok, EncoderClassifier, load_dinov2, load_state_dict_strict, official_dinov2_layout,
-                       read_dinov2_weights, stand_in_from_checkpoint)
-from training import (all_reduce_mean, autocast, cleanup_distributed, ema_decay, open_run,
-                      gather_rng_states, load_checkpoint, log_metrics, save_checkpoint, save_grid, set_rng_state,
-                      setup_distributed, trim_metrics, unwrap, update_ema)
+from tokenizer import (AlignTok, EncoderClassifier, load_dinov2, official_dinov2_layout, read_dinov2_weights,
+                       stand_in_from_checkpoint)
+from training import (MetricsLog, autocast, cleanup_distributed, ema_decay, gather_rng_states, load_checkpoint,
+                      open_run, psnr, save_checkpoint, save_grid, set_rng_state, setup_distributed, trim_metrics,
+                      unwrap, update_ema)
 
 
 #################################################################################
@@ -58,7 +57,7 @@ def read_init(args):
     if args.init is None:
         raise SystemExit(f"error: stage {args.stage} needs --init pointing at the stage-{args.stage - 1} "
                          f"checkpoint (runs/.../checkpoint.pt of the previous stage)")
-    checkpoint = load_checkpoint(args.init, "--init checkpoint")
+    checkpoint = load_checkpoint(args.init, "--init checkpoint", f"pass the stage-{args.stage - 1} run's checkpoint.pt")
     if checkpoint.get("stage") != args.stage - 1:
         raise SystemExit(f"error: stage {args.stage} must start from a stage-{args.stage - 1} checkpoint, but "
                          f"{args.init} is from stage {checkpoint.get('stage')}; run the stages in order 1, 2, 3")
@@ -79,7 +78,8 @@ def pretrained_encoder(args):
         raise SystemExit(f"error: --encoder-weights file not found: {path}")
     if path.endswith(".safetensors"):
         return encoder_overrides(args), read_dinov2_weights(path)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)   # read once: DINOv2-L is 1.2 GB
+    checkpoint = load_checkpoint(path, "--encoder-weights file", "an official dinov2_*_pretrain.pth, a Hugging "
+                                 "Face model.safetensors or a stage-0 checkpoint")   # read once: DINOv2-L is 1.2 GB
     if checkpoint.get("stage") == 0:
         encoder = stand_in_from_checkpoint(checkpoint, path).encoder
         return encoder.config, encoder.state_dict()
@@ -117,6 +117,49 @@ def frozen_reference(tokenizer):
     return reference.requires_grad_(False).eval()
 
 
+def stand_in_classifier(args, num_classes):
+    """Stage 0: a DINOv2-architecture encoder with a classifier head, from scratch."""
+    # The throw-away encoder only resolves the architecture name; it also fixes the RNG
+    # stream that the demo's published numbers were measured with.
+    encoder_config = load_dinov2(args.encoder, **encoder_overrides(args)).config
+    model = EncoderClassifier(encoder_config, num_classes, args.encoder_size)
+    model.encoder.mask_token.requires_grad_(False)
+    return model
+
+
+def build_stage(args, init, num_classes):
+    """(model, optimiser parameter groups, stage 2's frozen reference or None): what
+    trains in this stage, with --lr for everything but stage 2's encoder (--encoder-lr)."""
+    if args.stage == 0:
+        model = stand_in_classifier(args, num_classes)
+        return model, [{"params": [p for p in model.parameters() if p.requires_grad], "lr": args.lr}], None
+    model = build_tokenizer(args, init)
+    reference = frozen_reference(model) if args.stage == 2 else None
+    set_trainable(model, args.stage)
+    encoder_params = [p for p in model.encoder.parameters() if p.requires_grad]
+    other_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("encoder.")]
+    groups = [{"params": other_params, "lr": args.lr}]
+    if encoder_params:
+        groups.append({"params": encoder_params, "lr": args.encoder_lr})
+    return model, groups, reference
+
+
+def build_losses(args, rank, device):
+    """(LPIPS or None, discriminator or None, its optimiser or None) of stages 1-3."""
+    use_gan = args.stage > 0 and args.disc_weight > 0 and args.disc_start < args.steps
+    discriminator = PatchDiscriminator(n_layers=args.disc_layers, norm=args.disc_norm).to(device) if use_gan else None
+    disc_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=args.disc_lr, betas=tuple(args.disc_betas),
+                                       weight_decay=0.0) if use_gan else None
+    perceptual = None
+    if args.stage > 0 and args.perceptual_weight > 0:
+        if args.vgg_weights and args.lpips_weights:
+            perceptual = load_lpips(args.vgg_weights, args.lpips_weights).to(device)
+        elif rank == 0:
+            print("note: no --vgg-weights/--lpips-weights given, so the LPIPS perceptual term is off "
+                  "(pass torchvision's vgg16-397923af.pth and lpips' weights/v0.1/vgg.pth to turn it on)")
+    return perceptual, discriminator, disc_optimizer
+
+
 @torch.no_grad()
 def compute_latent_statistics(tokenizer, dataset, args, rank, world_size, device):
     """Per-channel mean and unbiased std of z over a seeded random subset of up to
@@ -142,6 +185,12 @@ def compute_latent_statistics(tokenizer, dataset, args, rank, world_size, device
 #################################################################################
 #                               One training step                               #
 #################################################################################
+
+def classifier_loss(train_model, images, labels):
+    """Stage 0: cross-entropy of the stand-in classifier."""
+    logits = train_model(images)
+    return F.cross_entropy(logits.float(), labels), None, {"accuracy": (logits.argmax(1) == labels).float().mean()}
+
 
 def tokenizer_loss(args, step, train_model, model, images, perceptual, reference, discriminator):
     """L_rec (+ w_sp * L_sp in stage 2) for the tokenizer; returns the loss, the
@@ -171,6 +220,7 @@ def tokenizer_loss(args, step, train_model, model, images, perceptual, reference
         logs["lambda"] = adaptive_weight(loss, logs["gan"], model.decoder.last_layer)
         loss = loss + args.disc_weight * logs["lambda"] * logs["gan"]
         critic.requires_grad_(True)
+    logs["psnr"] = psnr((reconstruction.detach().clamp(-1, 1) + 1) / 2, (images + 1) / 2).mean()
     return loss, reconstruction, logs
 
 
@@ -180,6 +230,28 @@ def discriminator_loss(discriminator, images, reconstruction):
     logits = discriminator(torch.cat((images, reconstruction.detach())))
     logits_real, logits_fake = logits.chunk(2)
     return hinge_d_loss(logits_real, logits_fake)
+
+
+#################################################################################
+#                              Resume and previews                              #
+#################################################################################
+
+def restore(resume, path, model, ema, optimizer, discriminator, disc_optimizer):
+    """Loads a resumed run's weights and optimiser states; returns its step."""
+    load_state_dict_strict(model, resume["model"], path)
+    load_state_dict_strict(ema, resume["ema"], path)
+    optimizer.load_state_dict(resume["optimizer"])
+    if discriminator is not None:
+        load_state_dict_strict(discriminator, resume["discriminator"], path)
+        disc_optimizer.load_state_dict(resume["disc_optimizer"])
+    return resume["step"]
+
+
+@torch.no_grad()
+def save_reconstructions(ema, preview, path):
+    """The preview images over the EMA tokenizer's reconstructions of them."""
+    with autocast(preview.device):
+        save_grid(torch.cat((preview, ema.decode(ema.encode(preview)).float())), path, nrow=8)
 
 
 #################################################################################
@@ -203,54 +275,21 @@ def main(args):
     preview = torch.stack([preview_set[i * (len(preview_set) // 8)][0] for i in range(8)]).to(device)
 
     # ---- model -------------------------------------------------------------------
-    if args.stage == 0:
-        encoder_config = load_dinov2(args.encoder, **encoder_overrides(args)).config
-        model = EncoderClassifier(encoder_config, len(dataset.classes), args.encoder_size)
-        model.encoder.mask_token.requires_grad_(False)
-        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": args.lr}]
-        reference = None
-    else:
-        model = build_tokenizer(args, init)
-        reference = frozen_reference(model).to(device) if args.stage == 2 else None
-        set_trainable(model, args.stage)
-        encoder_params = [p for p in model.encoder.parameters() if p.requires_grad]
-        other_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("encoder.")]
-        groups = [{"params": other_params, "lr": args.lr}] + \
-            ([{"params": encoder_params, "lr": args.encoder_lr}] if encoder_params else [])
+    model, groups, reference = build_stage(args, init, len(dataset.classes))
     del init
     model.to(device)
+    reference = reference.to(device) if reference is not None else None
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     optimizer = torch.optim.AdamW(groups, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
-    use_gan = args.stage > 0 and args.disc_weight > 0 and args.disc_start < args.steps
-    discriminator = PatchDiscriminator(n_layers=args.disc_layers, norm=args.disc_norm).to(device) if use_gan else None
-    disc_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=args.disc_lr, betas=tuple(args.disc_betas),
-                                       weight_decay=0.0) if use_gan else None
-    perceptual = None
-    if args.stage > 0 and args.perceptual_weight > 0:
-        if args.vgg_weights and args.lpips_weights:
-            perceptual = load_lpips(args.vgg_weights, args.lpips_weights).to(device)
-        elif rank == 0:
-            print("note: no --vgg-weights/--lpips-weights given, so the LPIPS perceptual term is off "
-                  "(pass torchvision's vgg16-397923af.pth and lpips' weights/v0.1/vgg.pth to turn it on)")
-
-    step = 0
-    if resume is not None:
-        load_state_dict_strict(model, resume["model"], checkpoint_path)
-        load_state_dict_strict(ema, resume["ema"], checkpoint_path)
-        optimizer.load_state_dict(resume["optimizer"])
-        if use_gan:
-            load_state_dict_strict(discriminator, resume["discriminator"], checkpoint_path)
-            disc_optimizer.load_state_dict(resume["disc_optimizer"])
-        step = resume["step"]
+    perceptual, discriminator, disc_optimizer = build_losses(args, rank, device)
+    step = 0 if resume is None else restore(resume, checkpoint_path, model, ema, optimizer, discriminator,
+                                            disc_optimizer)
     train_model = torch.compile(model) if args.compile else model
     if world_size > 1:
         device_ids = [device.index] if device.type == "cuda" else None
         train_model = DDP(train_model, device_ids=device_ids)
-        discriminator = DDP(discriminator, device_ids=device_ids) if use_gan else None
-    sampler = StepBatchSampler(len(dataset), args.batch_size, rank, world_size, args.seed, start_step=step)
-    loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
-                                              pin_memory=device.type == "cuda",
-                                              persistent_workers=args.workers > 0))
+        discriminator = DDP(discriminator, device_ids=device_ids) if discriminator is not None else None
+    loader = step_loader(dataset, args.batch_size, rank, world_size, args.seed, step, args.workers, device)
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         trim_metrics(metrics_path, step)
@@ -262,21 +301,19 @@ def main(args):
         states = gather_rng_states(world_size)
         if rank != 0:
             return
-        state = {"stage": args.stage, "step": step, "args": vars(args), "model": model.state_dict(),
-                 "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "rng": states}
-        if args.stage == 0:
-            state.update(encoder_name=args.encoder, encoder_config=model.encoder.config,
-                         num_classes=len(dataset.classes), encoder_size=args.encoder_size)
-        else:
-            state["tokenizer_config"] = model.config
-        if use_gan:
-            state.update(discriminator=unwrap(discriminator).state_dict(), disc_optimizer=disc_optimizer.state_dict())
+        config_key = "stand_in_config" if args.stage == 0 else "tokenizer_config"
+        state = {"stage": args.stage, "step": step, "args": vars(args), config_key: model.config,
+                 "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                 "rng": states}
+        if discriminator is not None:
+            state.update(discriminator=unwrap(discriminator).state_dict(), disc_config=unwrap(discriminator).config,
+                         disc_optimizer=disc_optimizer.state_dict())
         save_checkpoint(state, checkpoint_path)
 
     # ---- loop --------------------------------------------------------------------
     progress = tqdm(total=args.steps, initial=step, desc=f"stage {args.stage}", disable=rank != 0,
                     dynamic_ncols=True)
-    log_start, last_logged = time.time(), {}
+    log, record = MetricsLog(metrics_path, rank, world_size), {}
     while step < args.steps:
         images, labels = next(loader)
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -285,9 +322,7 @@ def main(args):
             images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
         with autocast(device):
             if args.stage == 0:
-                logits = train_model(images)
-                loss = F.cross_entropy(logits.float(), labels)
-                logs = {"accuracy": (logits.argmax(1) == labels).float().mean()}
+                loss, reconstruction, logs = classifier_loss(train_model, images, labels)
             else:
                 loss, reconstruction, logs = tokenizer_loss(args, step, train_model, model, images, perceptual,
                                                             reference, discriminator)
@@ -296,29 +331,21 @@ def main(args):
         logs["grad_norm"] = torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], args.grad_clip)
         optimizer.step()
         update_ema(ema, model, ema_decay(step, args.ema_decay, args.ema_warmup))
-        if use_gan and step >= args.disc_start:
+        if discriminator is not None and step >= args.disc_start:
             with autocast(device):
                 logs["d_loss"] = discriminator_loss(discriminator, images, reconstruction)
             disc_optimizer.zero_grad(set_to_none=True)
             logs["d_loss"].backward()
             disc_optimizer.step()
-        if args.stage > 0:
-            logs["psnr"] = psnr((reconstruction.detach().clamp(-1, 1) + 1) / 2, (images + 1) / 2).mean()
-        logs["loss"] = loss
+        log.add(dict(logs, loss=loss))
         step += 1
         progress.update(1)
 
         if step % args.log_every == 0 or step == args.steps:
-            record = {k: all_reduce_mean(v.item(), world_size) for k, v in logs.items()}
-            record.update(stage=args.stage, step=step, sec_per_step=(time.time() - log_start) / args.log_every)
-            log_start, last_logged = time.time(), record
-            if rank == 0:
-                log_metrics(metrics_path, record)
-                progress.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in ("loss", "psnr", "accuracy")})
-        if args.stage > 0 and rank == 0 and (step % args.sample_every == 0 or step == args.steps):
-            with torch.no_grad(), autocast(device):
-                save_grid(torch.cat((preview, ema.decode(ema.encode(preview)).float())),
-                          os.path.join(args.out, "recon.png"), nrow=8)
+            record = log.write(stage=args.stage, step=step)
+            progress.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in ("loss", "psnr", "accuracy")})
+        if reconstruction is not None and rank == 0 and (step % args.sample_every == 0 or step == args.steps):
+            save_reconstructions(ema, preview, os.path.join(args.out, "recon.png"))
         if step % args.ckpt_every == 0 and step < args.steps:
             write_checkpoint()
     progress.close()
@@ -331,7 +358,7 @@ def main(args):
             tokenizer.latent_std.copy_(std)
     write_checkpoint()
     if rank == 0:
-        summary = ", ".join(f"{k} {v:.4g}" for k, v in last_logged.items() if k in ("loss", "psnr", "accuracy", "sp"))
+        summary = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k in ("loss", "psnr", "accuracy", "sp"))
         print(f"stage {args.stage} done: {step} steps, {summary}; checkpoint {checkpoint_path}")
     cleanup_distributed()
 

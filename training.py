@@ -1,15 +1,45 @@
 """
-What train_tokenizer.py and train_diffusion.py share: the torchrun/DDP setup, the one
-EMA helper, the one checkpoint writer, RNG state for exact resume, the metrics file and
-image grids. Nothing here holds global state; every function takes what it works on.
+What the training, sampling and evaluation scripts share: the torchrun/DDP setup, the one
+EMA helper, the one checkpoint writer, RNG state for exact resume, the metrics log, the
+npz/json writers and image grids. Nothing here holds global state; every function takes
+what it works on.
+
+Every file the project writes, and who reads it (torch.save dicts are always read back
+with weights_only=True; every write goes through atomic_path):
+
+train_tokenizer.py <out>/checkpoint.pt
+    stage, step, args (vars of the command line), rng (one RNG state per rank),
+    model, ema, optimizer                 state dicts of the trained module and its EMA
+    stage 0:    stand_in_config           EncoderClassifier(**stand_in_config)
+    stages 1-3: tokenizer_config          AlignTok(**tokenizer_config); the latent statistics
+                                          are the buffers latent_mean / latent_std (set after
+                                          stages 2 and 3; mean 0, std 1 before)
+    with the GAN: discriminator, disc_optimizer, disc_config
+    read by: load_tokenizer and load_stand_in (tokenizer.py), train_tokenizer.py --init
+    and --resume.
+train_diffusion.py <out>/checkpoint.pt
+    model_config, model, ema, optimizer, step, args (with the tokenizer's absolute path),
+    rng, skipped (non-finite steps), num_classes, latents (the latent cache key)
+    read by: load_dit (dit.py), train_diffusion.py --resume, sample.py.
+latent cache <cache-dir>/latents-<key>.npy and latents-<key>.json
+    (N, 2, C, h, w) raw latents of every image and its flip; the .json header holds the
+    fingerprint whose hash is <key>, the shape and the source paths (see latents.py).
+sample.py <out>.npz (arr_0 uint8 images (N, H, W, 3), arr_1 int64 labels) and
+    <out>_shards/ with settings.json and shard_*.npz.
+evaluate.py stats <out>.npz: mu, sigma, mu_s, sigma_s, pool.
+metrics.jsonl: one JSON object per logging window (MetricsLog).
 """
 import contextlib
 import json
 import os
+import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torchvision.utils import save_image
+
+from layers import read_weights
 
 
 #################################################################################
@@ -49,13 +79,14 @@ def autocast(device):
     return contextlib.nullcontext()
 
 
-def all_reduce_mean(value, world_size):
-    """Mean of a float over ranks (for logging)."""
-    if world_size == 1:
-        return float(value)
-    tensor = torch.tensor(float(value), device="cuda" if torch.cuda.is_available() else "cpu")
-    dist.all_reduce(tensor)
-    return tensor.item() / world_size
+def all_reduce_mean(values, world_size):
+    """Mean over ranks of a float or of a 1-d tensor of floats (one collective call)."""
+    tensor = torch.as_tensor(values, dtype=torch.float64)
+    if world_size > 1:
+        tensor = tensor.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(tensor)
+        tensor = tensor / world_size
+    return tensor.cpu().tolist()
 
 
 #################################################################################
@@ -108,10 +139,12 @@ def save_checkpoint(state, path):
         torch.save(state, temporary)
 
 
-def load_checkpoint(path, what="checkpoint"):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} not found: {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+def load_checkpoint(path, what="checkpoint", hint="check the path"):
+    """A training checkpoint, or SystemExit with one line naming the problem."""
+    try:
+        return read_weights(path, what, hint)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 def open_run(out, resume, world_size, batch_size, kind_check):
@@ -173,10 +206,63 @@ def trim_metrics(path, step):
         f.writelines(kept)
 
 
-def log_metrics(path, record):
-    """Appends one JSON line to the metrics file."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+class MetricsLog:
+    """Named values of each step, averaged over a logging window and over the ranks, and
+    appended to metrics.jsonl as one JSON line per window by rank 0. Values stay tensors on
+    their device until the window is written, so logging never synchronises a GPU step.
+    sec_per_step divides the window's time by its own number of steps (a shorter last window
+    included). A name seen before but with no value in this window is logged as None."""
+
+    def __init__(self, path, rank, world_size):
+        self.path, self.rank, self.world_size = path, rank, world_size
+        self.names = {}                                      # every name seen, in order
+        self.sums, self.counts, self.steps, self.start = {}, {}, 0, time.time()
+
+    def add(self, values):
+        """One step's values: a dict of name -> float or 0-d tensor."""
+        for name, value in values.items():
+            value = value.detach().float() if torch.is_tensor(value) else float(value)
+            self.sums[name] = self.sums.get(name, 0.0) + value
+            self.counts[name] = self.counts.get(name, 0) + 1
+            self.names[name] = None
+        self.steps += 1
+
+    def skip(self):
+        """A step that counts towards the window's time but has no values."""
+        self.steps += 1
+
+    def write(self, **fixed):
+        """Averages the window over ranks (every rank calls this at the same step), writes the
+        record with the `fixed` values on rank 0, starts a new window and returns the record."""
+        present = [n for n in self.names if n in self.sums]
+        means = all_reduce_mean([float(self.sums[n] / self.counts[n]) for n in present], self.world_size) \
+            if present else []
+        record = dict.fromkeys(self.names)
+        record.update(zip(present, means))
+        record.update(fixed, sec_per_step=(time.time() - self.start) / max(self.steps, 1))
+        if self.rank == 0:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        self.sums, self.counts, self.steps, self.start = {}, {}, 0, time.time()
+        return record
+
+
+def psnr(x, y, data_range=1.0):
+    """Per-image PSNR (N,) of float images (N, C, H, W): logged by train_tokenizer.py and
+    reported by evaluate.py."""
+    mse = (x.double() - y.double()).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(data_range ** 2 / mse)
+
+
+def save_npz(path, **arrays):
+    """np.savez written atomically, so a reader (or a resumed run) never sees half a file."""
+    with atomic_path(path) as temporary, open(temporary, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def save_json(path, data):
+    with atomic_path(path) as temporary, open(temporary, "w") as f:
+        json.dump(data, f, indent=2)
 
 
 def save_grid(images, path, nrow):

@@ -5,7 +5,7 @@ import torch
 
 from dit import (LightningDiT, create_model, drop_labels, flow_loss, load_dit, rope_2d, sample,
                  shift_time)
-from tokenizer import apply_rope
+from layers import apply_rope
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
