@@ -173,6 +173,16 @@ class PatchDiscriminator(nn.Module):
         return self.main(x)                                     # (N, 1, h, w) logits
 
 
+def patch_grid_size(image_size, n_layers):
+    """Side of PatchDiscriminator's logit map on image_size images: the stride-2 4x4 convs
+    halve the size, the two stride-1 4x4 convs (padding 1) each take one pixel off. Below 1
+    the network cannot run on such images."""
+    size = image_size
+    for _ in range(n_layers):           # the first conv and the n_layers - 1 strided ones
+        size //= 2
+    return size - 2
+
+
 def hinge_d_loss(logits_real, logits_fake):
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
 

@@ -33,9 +33,9 @@ from dit import DIT_NAMES, create_model, drop_labels, flow_loss, sample
 from latents import LatentPairs, cache_latents
 from layers import load_state_dict_strict
 from tokenizer import load_tokenizer
-from training import (MetricsLog, all_reduce_mean, autocast, cleanup_distributed, ema_decay, gather_rng_states,
-                      open_run, save_checkpoint, save_grid, set_rng_state, setup_distributed, trim_metrics, unwrap,
-                      update_ema)
+from training import (MetricsLog, all_finite, autocast, cleanup_distributed, clip_gradients, ema_decay,
+                      gather_rng_states, open_run, save_checkpoint, save_grid, set_rng_state, setup_distributed,
+                      trim_metrics, unwrap, update_ema)
 
 
 #################################################################################
@@ -80,7 +80,7 @@ def save_samples(ema, tokenizer, noise, labels, args, path):
 def main(args):
     # ---- setup -----------------------------------------------------------------
     rank, world_size, device = setup_distributed()
-    checkpoint_path, resume = open_run(args.out, args.resume, world_size, args.batch_size, lambda checkpoint:
+    checkpoint_path, resume = open_run(args, world_size, lambda checkpoint:
                                        None if {"model_config", "latents"} <= set(checkpoint) else
                                        "is not a train_diffusion.py checkpoint; choose another --out")
     metrics_path = os.path.join(args.out, "metrics.jsonl")
@@ -112,7 +112,7 @@ def main(args):
         load_state_dict_strict(ema, resume["ema"], checkpoint_path)
         optimizer.load_state_dict(resume["optimizer"])
         step, skipped = resume["step"], resume["skipped"]
-    train_model = torch.compile(model) if args.compile else model
+    train_model = torch.compile(model, backend=args.compile_backend) if args.compile else model
     if world_size > 1:
         train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
     loader = step_loader(latents, args.batch_size, rank, world_size, args.seed, step, args.workers, device)
@@ -130,7 +130,7 @@ def main(args):
 
     # ---- checkpoint --------------------------------------------------------------
     def write_checkpoint():
-        gathered = gather_rng_states(world_size)
+        gathered = gather_rng_states(world_size, model)
         if rank == 0:
             save_checkpoint({"model_config": unwrap(model).config, "model": unwrap(model).state_dict(),
                              "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
@@ -140,7 +140,7 @@ def main(args):
 
     # ---- loop --------------------------------------------------------------------
     progress = tqdm(total=args.steps, initial=step, desc="LightningDiT", disable=rank != 0, dynamic_ncols=True)
-    log, record = MetricsLog(metrics_path, rank, world_size), {}
+    log, record, bad_in_a_row = MetricsLog(metrics_path, rank, world_size), {}, 0
     while step < args.steps:
         pairs, labels = next(loader)
         pairs, labels = pairs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -151,17 +151,19 @@ def main(args):
             loss, parts = flow_loss(train_model, x, labels, args.cosine_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        # One decision for all ranks (a NaN on one rank reaches all through DDP's all-reduce of
-        # the gradients, but a rank's own loss may be inf with finite gradients).
-        finite = all_reduce_mean(float(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)), world_size) == 1
-        if finite:
+        grad_norm = clip_gradients(model.parameters(), args.grad_clip)
+        if all_finite([loss.detach(), grad_norm], world_size):
             optimizer.step()
             update_ema(ema, unwrap(model), ema_decay(step, args.ema_decay, args.ema_warmup))
             log.add(dict(loss=loss, mse=parts["mse"], cosine=parts["cosine"], grad_norm=grad_norm))
-        else:
-            skipped += 1                                               # no update; the batch is spent
+            bad_in_a_row = 0
+        else:   # no update, the batch is spent; a run of them means the weights are beyond repair
+            skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
             log.skip()
+            if bad_in_a_row >= args.max_bad_steps:
+                raise SystemExit(f"error: {bad_in_a_row} non-finite steps in a row at step {step + 1}; stopped without "
+                                 f"saving, {checkpoint_path} holds the last good state (resume it with a lower --lr, "
+                                 f"or with --qk-norm from the start)")
         step += 1
         progress.update(1)
 
@@ -216,7 +218,7 @@ def parse_args(argv=None):
     optim.add_argument("--beta1", type=float, default=0.9)
     optim.add_argument("--beta2", type=float, default=0.95)
     optim.add_argument("--weight-decay", type=float, default=0.0)
-    optim.add_argument("--grad-clip", type=float, default=1.0)
+    optim.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 = no clipping")
     optim.add_argument("--ema-decay", type=float, default=0.9999)
     optim.add_argument("--ema-warmup", type=int, default=0,
                        help="decay is min(ema_decay, (1+step)/(warmup+step)); 0 = the plain decay (recipe), "
@@ -224,6 +226,11 @@ def parse_args(argv=None):
     optim.add_argument("--label-dropout", type=float, default=0.1, help="probability of the null class (for CFG)")
     optim.add_argument("--cosine-weight", type=float, default=1.0, help="weight of the velocity cosine term")
     optim.add_argument("--compile", action="store_true", help="torch.compile the model")
+    optim.add_argument("--compile-backend", default="inductor",
+                       help="torch.compile backend (aot_eager compiles in seconds, for CPU rehearsals)")
+    optim.add_argument("--max-bad-steps", type=int, default=20,
+                       help="stop after this many non-finite steps in a row (each is skipped and counted; "
+                            "our choice)")
     logging = parser.add_argument_group("logging, previews and checkpoints")
     logging.add_argument("--log-every", type=int, default=100)
     logging.add_argument("--ckpt-every", type=int, default=1000)
@@ -232,7 +239,12 @@ def parse_args(argv=None):
     logging.add_argument("--sample-steps", type=int, default=50, help="Euler steps of the preview")
     logging.add_argument("--sample-cfg-scale", type=float, default=1.0, help="guidance of the preview (1 = none)")
     logging.add_argument("--sample-cfg-interval", type=float, default=0.1, help="guidance only where t >= this")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.grad_clip < 0:
+        parser.error("--grad-clip must be >= 0 (0 = no clipping)")
+    if args.max_bad_steps < 1:
+        parser.error("--max-bad-steps must be at least 1")
+    return args
 
 
 if __name__ == "__main__":

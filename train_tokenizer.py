@@ -33,12 +33,12 @@ from tqdm import tqdm
 from data import build_dataset, step_loader
 from layers import load_state_dict_strict
 from losses import (PatchDiscriminator, adaptive_weight, generator_loss, hinge_d_loss, load_lpips,
-                    semantic_preservation_loss)
+                    patch_grid_size, semantic_preservation_loss)
 from tokenizer import (AlignTok, EncoderClassifier, load_dinov2, official_dinov2_layout, read_dinov2_weights,
                        stand_in_from_checkpoint)
-from training import (MetricsLog, autocast, cleanup_distributed, ema_decay, gather_rng_states, load_checkpoint,
-                      open_run, psnr, save_checkpoint, save_grid, set_rng_state, setup_distributed, trim_metrics,
-                      unwrap, update_ema)
+from training import (MetricsLog, all_finite, autocast, cleanup_distributed, clip_gradients, ema_decay,
+                      gather_rng_states, load_checkpoint, open_run, psnr, save_checkpoint, save_grid, set_rng_state,
+                      setup_distributed, trim_metrics, unwrap, update_ema)
 
 
 #################################################################################
@@ -144,20 +144,39 @@ def build_stage(args, init, num_classes):
     return model, groups, reference
 
 
-def build_losses(args, rank, device):
-    """(LPIPS or None, discriminator or None, its optimiser or None) of stages 1-3."""
-    use_gan = args.stage > 0 and args.disc_weight > 0 and args.disc_start < args.steps
-    discriminator = PatchDiscriminator(n_layers=args.disc_layers, norm=args.disc_norm).to(device) if use_gan else None
-    disc_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=args.disc_lr, betas=tuple(args.disc_betas),
-                                       weight_decay=0.0) if use_gan else None
-    perceptual = None
-    if args.stage > 0 and args.perceptual_weight > 0:
-        if args.vgg_weights and args.lpips_weights:
-            perceptual = load_lpips(args.vgg_weights, args.lpips_weights).to(device)
-        elif rank == 0:
-            print("note: no --vgg-weights/--lpips-weights given, so the LPIPS perceptual term is off "
-                  "(pass torchvision's vgg16-397923af.pth and lpips' weights/v0.1/vgg.pth to turn it on)")
-    return perceptual, discriminator, disc_optimizer
+def build_perceptual(args, device):
+    """LPIPS for stages 1-3 when --perceptual-weight > 0 (parse_args made sure its files are given)."""
+    if args.stage == 0 or args.perceptual_weight == 0:
+        return None
+    return load_lpips(args.vgg_weights, args.lpips_weights).to(device)
+
+
+def build_gan(args, init, resume, image_size, device):
+    """(discriminator, its optimiser, the step of this stage at which the GAN starts), or
+    (None, None, None). The discriminator of the previous stage carries over from --init,
+    already trained, so its GAN is on from the first step; --fresh-discriminator, or a
+    previous stage without one, starts a new discriminator that joins at --disc-start (our
+    choice: the paper is silent; LDM and VA-VAE carry the discriminator across phases).
+    A resumed run keeps the discriminator its checkpoint holds, whatever the flags say."""
+    carried = init is not None and "discriminator" in init and not args.fresh_discriminator
+    source = resume if resume is not None else (init if carried else None)
+    if args.stage == 0 or (args.disc_weight == 0 and (source is None or "discriminator" not in source)):
+        return None, None, None
+    config = source["disc_config"] if source is not None and "disc_config" in source else \
+        dict(in_channels=3, width=64, n_layers=args.disc_layers, norm=args.disc_norm)
+    if patch_grid_size(image_size, config["n_layers"]) < 1:
+        raise SystemExit(f"error: a PatchGAN with --disc-layers {config['n_layers']} has no output on {image_size} px "
+                         f"images; lower --disc-layers (3 needs images of at least 32 px)")
+    discriminator = PatchDiscriminator(**config).to(device)
+    optimizer = torch.optim.AdamW(discriminator.parameters(), lr=args.disc_lr, betas=tuple(args.disc_betas),
+                                  weight_decay=0.0)
+    gan_start = args.disc_start
+    if source is not None and "discriminator" in source:
+        label = "--resume checkpoint" if source is resume else args.init
+        load_state_dict_strict(discriminator, source["discriminator"], label)
+        optimizer.load_state_dict(source["disc_optimizer"])
+        gan_start = source["gan_start"] if source is resume else 0
+    return discriminator, optimizer, gan_start
 
 
 @torch.no_grad()
@@ -192,9 +211,10 @@ def classifier_loss(train_model, images, labels):
     return F.cross_entropy(logits.float(), labels), None, {"accuracy": (logits.argmax(1) == labels).float().mean()}
 
 
-def tokenizer_loss(args, step, train_model, model, images, perceptual, reference, discriminator):
-    """L_rec (+ w_sp * L_sp in stage 2) for the tokenizer; returns the loss, the
-    reconstruction and a dict of the terms for logging."""
+def tokenizer_loss(args, train_model, model, images, perceptual, reference, discriminator):
+    """L_rec (+ w_sp * L_sp in stage 2) for the tokenizer, with the GAN term when a
+    discriminator is given; returns the loss, the reconstruction and a dict of the terms
+    for logging."""
     reconstruction, z, tokens = train_model(images)
     reconstruction = reconstruction.float()
     logs = {"l1": (reconstruction - images).abs().mean()}
@@ -212,7 +232,7 @@ def tokenizer_loss(args, step, train_model, model, images, perceptual, reference
             logs["sp"] = semantic_preservation_loss(tokens.transpose(1, 2).unsqueeze(-1),
                                                     reference_tokens.transpose(1, 2).unsqueeze(-1), args.sp_loss)
         loss = loss + args.sp_weight * logs["sp"]
-    if discriminator is not None and step >= args.disc_start:
+    if discriminator is not None:
         # The generator's GAN term goes through the bare discriminator with its weights frozen:
         # only the discriminator's own step below updates it, through DDP.
         critic = unwrap(discriminator).requires_grad_(False)
@@ -224,27 +244,42 @@ def tokenizer_loss(args, step, train_model, model, images, perceptual, reference
     return loss, reconstruction, logs
 
 
-def discriminator_loss(discriminator, images, reconstruction):
-    """Hinge loss of one discriminator call on real and reconstructed images together
-    (one forward per step, as DDP expects)."""
-    logits = discriminator(torch.cat((images, reconstruction.detach())))
-    logits_real, logits_fake = logits.chunk(2)
-    return hinge_d_loss(logits_real, logits_fake)
+def discriminator_step(discriminator, disc_optimizer, images, reconstruction, device):
+    """One update of the discriminator with the hinge loss, on real and reconstructed
+    images in one call (one forward per step, as DDP expects); returns the loss."""
+    with autocast(device):
+        logits_real, logits_fake = discriminator(torch.cat((images, reconstruction.detach()))).chunk(2)
+        loss = hinge_d_loss(logits_real, logits_fake)
+    disc_optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    disc_optimizer.step()
+    return loss.detach()
 
 
 #################################################################################
 #                              Resume and previews                              #
 #################################################################################
 
-def restore(resume, path, model, ema, optimizer, discriminator, disc_optimizer):
-    """Loads a resumed run's weights and optimiser states; returns its step."""
+def restore(resume, path, model, ema, optimizer):
+    """Loads a resumed run's weights and optimiser state (build_gan restores the
+    discriminator's); returns its (step, skipped steps)."""
     load_state_dict_strict(model, resume["model"], path)
     load_state_dict_strict(ema, resume["ema"], path)
     optimizer.load_state_dict(resume["optimizer"])
-    if discriminator is not None:
-        load_state_dict_strict(discriminator, resume["discriminator"], path)
-        disc_optimizer.load_state_dict(resume["disc_optimizer"])
-    return resume["step"]
+    return resume["step"], resume.get("skipped", 0)
+
+
+def compile_parts(model, backend):
+    """torch.compile every part of the model in place except the decoder's output layers.
+    The adaptive GAN weight differentiates the loss at the decoder's last convolution with
+    retain_graph, which a compiled backward refuses (its buffers are donated); left eager,
+    those two layers are all that differentiation needs, and state-dict names stay as
+    they are."""
+    parts = [model.encoder] if not hasattr(model, "decoder") else \
+        [model.encoder, model.adapter, model.decoder.conv_in, model.decoder.mid, model.decoder.up]
+    for part in parts:
+        part.compile(backend=backend)
+    return model
 
 
 @torch.no_grad()
@@ -261,7 +296,7 @@ def save_reconstructions(ema, preview, path):
 def main(args):
     # ---- setup -----------------------------------------------------------------
     rank, world_size, device = setup_distributed()
-    checkpoint_path, resume = open_run(args.out, args.resume, world_size, args.batch_size, lambda checkpoint:
+    checkpoint_path, resume = open_run(args, world_size, lambda checkpoint:
                                        None if checkpoint.get("stage") == args.stage else
                                        f"is a stage-{checkpoint.get('stage')} run, not stage {args.stage}")
     metrics_path = os.path.join(args.out, "metrics.jsonl")
@@ -276,15 +311,15 @@ def main(args):
 
     # ---- model -------------------------------------------------------------------
     model, groups, reference = build_stage(args, init, len(dataset.classes))
-    del init
     model.to(device)
     reference = reference.to(device) if reference is not None else None
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     optimizer = torch.optim.AdamW(groups, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
-    perceptual, discriminator, disc_optimizer = build_losses(args, rank, device)
-    step = 0 if resume is None else restore(resume, checkpoint_path, model, ema, optimizer, discriminator,
-                                            disc_optimizer)
-    train_model = torch.compile(model) if args.compile else model
+    discriminator, disc_optimizer, gan_start = build_gan(args, init, resume, image_size, device)
+    perceptual = build_perceptual(args, device)
+    del init
+    step, skipped = (0, 0) if resume is None else restore(resume, checkpoint_path, model, ema, optimizer)
+    train_model = compile_parts(model, args.compile_backend) if args.compile else model
     if world_size > 1:
         device_ids = [device.index] if device.type == "cuda" else None
         train_model = DDP(train_model, device_ids=device_ids)
@@ -298,52 +333,59 @@ def main(args):
 
     # ---- checkpoint --------------------------------------------------------------
     def write_checkpoint():
-        states = gather_rng_states(world_size)
+        states = gather_rng_states(world_size, model)
         if rank != 0:
             return
         config_key = "stand_in_config" if args.stage == 0 else "tokenizer_config"
-        state = {"stage": args.stage, "step": step, "args": vars(args), config_key: model.config,
+        state = {"stage": args.stage, "step": step, "skipped": skipped, "args": vars(args), config_key: model.config,
                  "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                  "rng": states}
         if discriminator is not None:
             state.update(discriminator=unwrap(discriminator).state_dict(), disc_config=unwrap(discriminator).config,
-                         disc_optimizer=disc_optimizer.state_dict())
+                         disc_optimizer=disc_optimizer.state_dict(), gan_start=gan_start)
         save_checkpoint(state, checkpoint_path)
 
     # ---- loop --------------------------------------------------------------------
     progress = tqdm(total=args.steps, initial=step, desc=f"stage {args.stage}", disable=rank != 0,
                     dynamic_ncols=True)
-    log, record = MetricsLog(metrics_path, rank, world_size), {}
+    log, record, bad_in_a_row = MetricsLog(metrics_path, rank, world_size), {}, 0
     while step < args.steps:
         images, labels = next(loader)
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         if args.hflip:
             flip = torch.rand(images.shape[0], device=device) < 0.5
             images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+        gan_on = discriminator is not None and args.disc_weight > 0 and step >= gan_start
         with autocast(device):
             if args.stage == 0:
                 loss, reconstruction, logs = classifier_loss(train_model, images, labels)
             else:
-                loss, reconstruction, logs = tokenizer_loss(args, step, train_model, model, images, perceptual,
-                                                            reference, discriminator)
+                loss, reconstruction, logs = tokenizer_loss(args, train_model, model, images, perceptual, reference,
+                                                            discriminator if gan_on else None)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        logs["grad_norm"] = torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], args.grad_clip)
-        optimizer.step()
-        update_ema(ema, model, ema_decay(step, args.ema_decay, args.ema_warmup))
-        if discriminator is not None and step >= args.disc_start:
-            with autocast(device):
-                logs["d_loss"] = discriminator_loss(discriminator, images, reconstruction)
-            disc_optimizer.zero_grad(set_to_none=True)
-            logs["d_loss"].backward()
-            disc_optimizer.step()
-        log.add(dict(logs, loss=loss))
+        logs["grad_norm"] = clip_gradients([p for g in groups for p in g["params"]], args.grad_clip)
+        if all_finite([loss, logs["grad_norm"]], world_size):
+            optimizer.step()
+            update_ema(ema, model, ema_decay(step, args.ema_decay, args.ema_warmup))
+            if gan_on:
+                logs["d_loss"] = discriminator_step(discriminator, disc_optimizer, images, reconstruction, device)
+            log.add(dict(logs, loss=loss))
+            bad_in_a_row = 0
+        else:   # no update, the batch is spent; a run of them means the weights are beyond repair
+            skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
+            log.skip()
+            if bad_in_a_row >= args.max_bad_steps:
+                raise SystemExit(f"error: {bad_in_a_row} non-finite steps in a row at step {step + 1}; stopped without "
+                                 f"saving, {checkpoint_path} holds the last good state (resume it with a lower --lr "
+                                 f"or --disc-weight, or start again)")
         step += 1
         progress.update(1)
 
         if step % args.log_every == 0 or step == args.steps:
-            record = log.write(stage=args.stage, step=step)
-            progress.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in ("loss", "psnr", "accuracy")})
+            record = log.write(stage=args.stage, step=step, skipped=skipped)
+            progress.set_postfix({k: f"{v:.4g}" for k, v in record.items()
+                                  if k in ("loss", "psnr", "accuracy") and v is not None})
         if reconstruction is not None and rank == 0 and (step % args.sample_every == 0 or step == args.steps):
             save_reconstructions(ema, preview, os.path.join(args.out, "recon.png"))
         if step % args.ckpt_every == 0 and step < args.steps:
@@ -352,14 +394,18 @@ def main(args):
 
     # ---- latent statistics (after stages 2 and 3) and the final checkpoint ---------
     if args.stage in (2, 3):
-        mean, std = compute_latent_statistics(ema, dataset, args, rank, world_size, device)
+        # Under fork_rng: the checkpoint must hold the training RNG, so that extending the
+        # run with --resume --steps continues exactly as one longer run would.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            mean, std = compute_latent_statistics(ema, dataset, args, rank, world_size, device)
         for tokenizer in (ema, model):
             tokenizer.latent_mean.copy_(mean)
             tokenizer.latent_std.copy_(std)
     write_checkpoint()
     if rank == 0:
-        summary = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k in ("loss", "psnr", "accuracy", "sp"))
-        print(f"stage {args.stage} done: {step} steps, {summary}; checkpoint {checkpoint_path}")
+        summary = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k in ("loss", "psnr", "accuracy", "sp")
+                            and v is not None)
+        print(f"stage {args.stage} done: {step} steps ({skipped} skipped), {summary}; checkpoint {checkpoint_path}")
     cleanup_distributed()
 
 
@@ -370,7 +416,8 @@ def main(args):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     stage = parser.add_argument_group("stage and run")
-    stage.add_argument("--stage", type=int, required=True, help="0 (stand-in encoder), 1, 2 or 3")
+    stage.add_argument("--stage", type=int, required=True, choices=[0, 1, 2, 3],
+                       help="0 (stand-in encoder), 1, 2 or 3")
     stage.add_argument("--out", required=True, help="run folder for checkpoint.pt, metrics.jsonl and recon.png")
     stage.add_argument("--init", help="stages 2 and 3: the previous stage's checkpoint.pt")
     stage.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -405,16 +452,27 @@ def parse_args(argv=None):
     optim.add_argument("--beta1", type=float, default=0.9)
     optim.add_argument("--beta2", type=float, default=0.95)
     optim.add_argument("--weight-decay", type=float, default=0.0)
-    optim.add_argument("--grad-clip", type=float, default=1.0)
+    optim.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 = no clipping")
     optim.add_argument("--ema-decay", type=float, default=0.999)
     optim.add_argument("--ema-warmup", type=int, default=10, help="decay is min(ema_decay, (1+step)/(warmup+step))")
-    optim.add_argument("--compile", action="store_true", help="torch.compile the model")
+    optim.add_argument("--compile", action="store_true", help="torch.compile the model (all but the decoder's "
+                                                              "output layers, which the adaptive GAN weight needs)")
+    optim.add_argument("--compile-backend", default="inductor",
+                       help="torch.compile backend (aot_eager compiles in seconds, for CPU rehearsals)")
+    optim.add_argument("--max-bad-steps", type=int, default=20,
+                       help="stop after this many non-finite steps in a row (each is skipped and counted; "
+                            "our choice)")
     loss = parser.add_argument_group("losses")
-    loss.add_argument("--perceptual-weight", type=float, default=1.0, help="LPIPS weight (needs the two files below)")
+    loss.add_argument("--perceptual-weight", type=float, default=1.0,
+                      help="LPIPS weight; > 0 needs the two files below, 0 turns LPIPS off")
     loss.add_argument("--vgg-weights", help="torchvision's vgg16-397923af.pth for LPIPS")
     loss.add_argument("--lpips-weights", help="lpips' weights/v0.1/vgg.pth (the five linear heads)")
     loss.add_argument("--disc-weight", type=float, default=0.5, help="generator GAN weight times lambda_adapt; 0 = off")
-    loss.add_argument("--disc-start", type=int, default=20000, help="step at which the GAN starts (our choice)")
+    loss.add_argument("--disc-start", type=int, default=20000,
+                      help="step of this stage at which a new discriminator's GAN term starts (our choice); a "
+                           "discriminator carried from --init is trained already and joins at once")
+    loss.add_argument("--fresh-discriminator", action="store_true",
+                      help="start a new discriminator instead of carrying the previous stage's (our choice: carry)")
     loss.add_argument("--disc-lr", type=float, default=1e-4)
     loss.add_argument("--disc-layers", type=int, default=3, help="PatchGAN depth (LDM: 3; needs images >= 32 px)")
     loss.add_argument("--disc-betas", type=float, nargs=2, default=[0.5, 0.9], help="discriminator AdamW betas (LDM)")
@@ -433,6 +491,16 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.stage > 1 and args.encoder_weights:
         parser.error(f"--encoder-weights is for stage 1 (and 0); stage {args.stage} takes the encoder from --init")
+    if args.stage > 0 and args.perceptual_weight > 0 and not (args.vgg_weights and args.lpips_weights):
+        parser.error(f"--perceptual-weight {args.perceptual_weight} needs --vgg-weights (torchvision's "
+                     f"vgg16-397923af.pth) and --lpips-weights (lpips' weights/v0.1/vgg.pth); pass both, or "
+                     f"--perceptual-weight 0 to train without LPIPS")
+    if args.stats_images < 1:
+        parser.error("--stats-images must be at least 1 (the latent statistics need images)")
+    if args.grad_clip < 0:
+        parser.error("--grad-clip must be >= 0 (0 = no clipping)")
+    if args.max_bad_steps < 1:
+        parser.error("--max-bad-steps must be at least 1")
     return args
 
 

@@ -89,6 +89,19 @@ def all_reduce_mean(values, world_size):
     return tensor.cpu().tolist()
 
 
+def clip_gradients(parameters, max_norm):
+    """Clips the total gradient norm to max_norm and returns the norm before clipping.
+    max_norm 0 means no clipping (torch would zero every gradient)."""
+    return torch.nn.utils.clip_grad_norm_(parameters, max_norm if max_norm > 0 else float("inf"))
+
+
+def all_finite(values, world_size):
+    """True when every value is finite on every rank: one decision for all ranks, so that a
+    rank whose own loss is inf (with finite gradients) skips the step with the others."""
+    finite = float(all(bool(torch.isfinite(torch.as_tensor(v)).all()) for v in values))
+    return all_reduce_mean(finite, world_size) == 1
+
+
 #################################################################################
 #                                     EMA                                       #
 #################################################################################
@@ -147,35 +160,63 @@ def load_checkpoint(path, what="checkpoint", hint="check the path"):
         raise SystemExit(f"error: {error}") from None
 
 
-def open_run(out, resume, world_size, batch_size, kind_check):
+# Flags that may differ when a run is resumed: they change how long it runs, what it logs
+# and how fast, never the data order, the RNG stream or the loss. Everything else must match.
+RESUME_MAY_CHANGE = {"steps", "resume", "out", "log_every", "sample_every", "ckpt_every", "workers", "compile",
+                     "compile_backend", "max_bad_steps", "cache_dir", "cache_batch_size", "stats_images",
+                     "sample_columns", "sample_steps", "sample_cfg_scale", "sample_cfg_interval"}
+PATH_FLAGS = {"init", "data", "tokenizer", "encoder_weights", "vgg_weights", "lpips_weights"}
+
+
+def _comparable(name, value):
+    if name in PATH_FLAGS and isinstance(value, str) and value not in ("synthetic", "random"):
+        return os.path.abspath(value)
+    return list(value) if isinstance(value, tuple) else value
+
+
+def open_run(args, world_size, kind_check):
     """(checkpoint path, the run's checkpoint when resuming, else None). An existing run is
     never overwritten: without --resume it is an error. kind_check(checkpoint) returns an
-    error text when the file belongs to another kind of run. Exact resume also needs the
-    same processes and per-process batch: the data order and the per-rank RNG depend on both."""
-    path = os.path.join(out, "checkpoint.pt")
+    error text when the file belongs to another kind of run. --resume continues exactly, so it
+    refuses another number of processes, or any changed flag outside RESUME_MAY_CHANGE
+    (a changed --batch-size, --seed or --data would change the data order and the per-rank
+    RNG; a changed --lr or loss weight, the run)."""
+    path = os.path.join(args.out, "checkpoint.pt")
     if not os.path.exists(path):
         return path, None
-    if not resume:
+    if not args.resume:
         raise SystemExit(f"error: {path} exists; pass --resume to continue that run or choose another --out "
                          f"(nothing was overwritten)")
     checkpoint = load_checkpoint(path)
     problem = kind_check(checkpoint)
     if problem:
         raise SystemExit(f"error: {path} {problem}")
-    saved = (len(checkpoint["rng"]), checkpoint["args"]["batch_size"])
-    if saved != (world_size, batch_size):
-        raise SystemExit(f"error: {path} was written by {saved[0]} process(es) with --batch-size {saved[1]}; "
-                         f"resume it with the same (torchrun --nproc_per_node={saved[0]} ... --batch-size {saved[1]})")
+    if len(checkpoint["rng"]) != world_size:
+        raise SystemExit(f"error: {path} was written by {len(checkpoint['rng'])} process(es), this is {world_size}; "
+                         f"resume it with the same (torchrun --nproc_per_node={len(checkpoint['rng'])} ...)")
+    saved, current = checkpoint["args"], vars(args)
+    changed = [f"--{name.replace('_', '-')} {current.get(name)!r} (the run has {saved.get(name)!r})"
+               for name in sorted(set(saved) | set(current)) if name not in RESUME_MAY_CHANGE
+               and _comparable(name, saved.get(name)) != _comparable(name, current.get(name))]
+    if changed:
+        raise SystemExit(f"error: --resume continues {path} exactly, but these flags differ: {'; '.join(changed)}. "
+                         f"Pass the run's values, or start a new run in another --out")
     return path, checkpoint
 
 
-def gather_rng_states(world_size):
-    """Every rank's RNG state, in rank order (all ranks must call it)."""
+def gather_rng_states(world_size, model):
+    """Every rank's RNG state, in rank order (all ranks must call it). Also checks that DDP
+    kept the ranks' weights identical (a sum of every parameter, compared on rank 0): a
+    silent divergence would otherwise surface only as a worse model days later."""
+    checksum = sum(p.detach().double().sum().item() for p in model.parameters())
     if world_size == 1:
         return [rng_state()]
-    states = [None] * world_size
-    dist.all_gather_object(states, rng_state())
-    return states
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, (rng_state(), checksum))
+    checksums = [c for _, c in gathered]
+    if max(checksums) != min(checksums):
+        raise RuntimeError(f"the ranks' weights differ (parameter sums {checksums}); DDP lost sync")
+    return [state for state, _ in gathered]
 
 
 def rng_state():

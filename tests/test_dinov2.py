@@ -201,3 +201,20 @@ def test_compiles_fullgraph():
         eager, graph = model.forward_features(x), compiled(x)
     for key in eager:
         torch.testing.assert_close(graph[key], eager[key], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("registers", [False, True])
+def test_parity_at_224_px_where_position_embeddings_are_resized(tmp_path, registers):
+    """At 224 px (16x16 patches from a 37x37 table), the tokenizer's size. Hugging Face's
+    `_reg` port resizes as the official code does, so the whole model must match. Its
+    no-register port resizes to the exact grid instead of the official (grid + 0.1) / 37
+    scale; there its resize is swapped for ours (checked against the official statement
+    in test_pos_embed_interpolation_matches_official), and everything else must match."""
+    hf = hf_model(registers, hidden=64, layers=2, heads=4)
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, str(path))
+    ours = load_dinov2("dinov2_vits14_reg" if registers else "dinov2_vits14", str(path), embed_dim=64, depth=2,
+                       num_heads=4)
+    if not registers:
+        hf.embeddings.interpolate_pos_encoding = lambda embeddings, h, w: ours.interpolate_pos_embed(h, w)
+    compare_with_hf(hf, ours, 224)
