@@ -105,13 +105,14 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
-def inception_score(logits, splits=10):
-    """exp(E_x KL(p(y|x) || p(y))) averaged over `splits` equal contiguous parts (fewer
-    when there are fewer samples); returns (mean, std). With 50K samples this is ADM's
-    evaluator (5000-image splits)."""
+def inception_score(logits, split_size=5000):
+    """exp(E_x KL(p(y|x) || p(y))) on consecutive chunks of split_size samples, the last
+    partial chunk included; returns the (mean, std) over chunks. This is ADM's evaluator
+    (compute_inception_score, split_size=5000; it reports the mean only), so that any N
+    gives ADM's number, not only 50K."""
     logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
     scores = []
-    for part in torch.tensor_split(logits, min(splits, len(logits))):
+    for part in torch.split(logits, split_size):
         log_p = torch.log_softmax(part, dim=1)                      # (n, K)
         log_marginal = torch.logsumexp(log_p, dim=0) - math.log(part.shape[0])
         kl = (log_p.exp() * (log_p - log_marginal)).sum(dim=1).mean()
@@ -119,39 +120,47 @@ def inception_score(logits, splits=10):
     return float(np.mean(scores)), float(np.std(scores))
 
 
-def pairwise_sq_distances(u, v):
+def pairwise_sq_distances(u, v, fp16=True):
     """Squared Euclidean distances (n, m) as ADM's evaluator: |u|^2 - 2 u.v + |v|^2,
-    clamped at zero. (ADM tries float16 first; we stay in float32.)"""
-    d = (u * u).sum(1, keepdim=True) - 2 * u @ v.t() + (v * v).sum(1).unsqueeze(0)
-    return d.clamp_min(0)
+    clamped at zero, computed in float16 and returned as float32; a block with a
+    non-finite float16 distance is computed again in float32 (ADM's tf.cond). fp16=False
+    computes every block in float32."""
+    def distances(a, b):
+        return ((a * a).sum(1, keepdim=True) - 2 * a @ b.t() + (b * b).sum(1).unsqueeze(0)).clamp_min(0)
+    if fp16:
+        d = distances(u.half(), v.half())
+        if torch.isfinite(d).all():
+            return d.float()
+    return distances(u.float(), v.float())
 
 
-def manifold_radii(features, k=3, batch_size=10000):
+def manifold_radii(features, k=3, batch_size=10000, fp16=True):
     """Squared distance of each point to its k-th nearest neighbour in the same set
     (the point itself counts as the 0th, as in ADM's evaluator)."""
     radii = []
     for start in range(0, len(features), batch_size):
-        d = torch.cat([pairwise_sq_distances(features[start:start + batch_size], features[s:s + batch_size])
+        d = torch.cat([pairwise_sq_distances(features[start:start + batch_size], features[s:s + batch_size], fp16)
                        for s in range(0, len(features), batch_size)], dim=1)
         radii.append(d.topk(k + 1, dim=1, largest=False).values[:, k])
     return torch.cat(radii)
 
 
 @torch.no_grad()
-def precision_recall(ref_features, sample_features, k=3, batch_size=10000, device="cpu"):
+def precision_recall(ref_features, sample_features, k=3, batch_size=10000, device="cpu", fp16=True):
     """Improved precision and recall (Kynkaanniemi et al. 2019) as in ADM's evaluator:
     precision = fraction of samples inside some reference k-NN ball, recall = fraction
-    of references inside some sample k-NN ball. Distances in batches of batch_size."""
+    of references inside some sample k-NN ball. Distances in blocks of batch_size rows
+    and columns (ADM's 10000), in float16 unless fp16=False (see pairwise_sq_distances)."""
     ref = torch.as_tensor(np.asarray(ref_features), dtype=torch.float32, device=device)
     sam = torch.as_tensor(np.asarray(sample_features), dtype=torch.float32, device=device)
     if min(len(ref), len(sam)) <= k:
         raise ValueError(f"precision/recall with k={k} needs more than {k} images in each set")
-    ref_radii, sam_radii = manifold_radii(ref, k, batch_size), manifold_radii(sam, k, batch_size)
+    ref_radii, sam_radii = manifold_radii(ref, k, batch_size, fp16), manifold_radii(sam, k, batch_size, fp16)
     ref_covered = torch.zeros(len(ref), dtype=torch.bool, device=device)
     sam_covered = torch.zeros(len(sam), dtype=torch.bool, device=device)
     for i in range(0, len(ref), batch_size):
         for j in range(0, len(sam), batch_size):
-            d = pairwise_sq_distances(ref[i:i + batch_size], sam[j:j + batch_size])    # (n, m)
+            d = pairwise_sq_distances(ref[i:i + batch_size], sam[j:j + batch_size], fp16)    # (n, m)
             sam_covered[j:j + batch_size] |= (d <= ref_radii[i:i + batch_size, None]).any(0)
             ref_covered[i:i + batch_size] |= (d <= sam_radii[None, j:j + batch_size]).any(1)
     return sam_covered.double().mean().item(), ref_covered.double().mean().item()
@@ -369,10 +378,11 @@ def cmd_metrics(args):
     else:
         print(f"sFID skipped: {args.ref} has no mu_s/sigma_s or images")
     results["inception_score"], results["inception_score_std"] = inception_score(samples["logits_unbiased"],
-                                                                                 args.is_splits)
+                                                                                 args.is_split_size)
     if ref["pool"] is not None:
         results["precision"], results["recall"] = precision_recall(
-            ref["pool"], samples["pool"], k=args.k, batch_size=args.pr_batch_size, device=args.device)
+            ref["pool"], samples["pool"], k=args.k, batch_size=args.pr_batch_size, device=args.device,
+            fp16=args.pr_precision == "fp16")
     else:
         print(f"precision/recall skipped: {args.ref} has no pool features or images")
     report(results, args.out)
@@ -498,7 +508,12 @@ def build_parser():
     metrics.add_argument("--ref", required=True, help="our stats npz, a pytorch-fid npz or ADM's reference batch")
     metrics.add_argument("--k", type=int, default=3, help="nearest neighbours for precision/recall (ADM: 3)")
     metrics.add_argument("--pr-batch-size", type=int, default=10000, help="rows per distance block")
-    metrics.add_argument("--is-splits", type=int, default=10, help="Inception Score splits (ADM: 5000-image splits of 50K)")
+    metrics.add_argument("--pr-precision", default="fp16", choices=("fp16", "fp32"),
+                         help="precision/recall distances in float16 with a float32 retry where not finite "
+                              "(ADM's evaluator), or all in float32")
+    metrics.add_argument("--is-split-size", type=int, default=5000,
+                         help="Inception Score on consecutive chunks of this many samples, the last partial chunk "
+                              "included (ADM's evaluator: 5000)")
 
     recon = commands.add_parser("recon", help="rFID / FD_DINOv2, PSNR, SSIM and linear probe of a tokenizer")
     add_common(recon)
@@ -536,6 +551,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.command == "stats" and not args.out:
         raise SystemExit(f"{args.command}: pass --out PATH")
+    if args.command == "metrics" and min(args.is_split_size, args.pr_batch_size, args.k) < 1:
+        raise SystemExit("error: --is-split-size, --pr-batch-size and --k must be positive (ADM: 5000, 10000, 3)")
     if not getattr(args, "allow_tf32", False):
         # TF32 rounds convolution inputs to 10-bit mantissas; keep the features exact
         # float32 so that the numbers compare with pytorch-fid's and ADM's.

@@ -162,12 +162,43 @@ def test_inception_score_known_answers():
     # Two samples, p(y|x) = (0.9, 0.1) and (0.1, 0.9): p(y) is uniform.
     logits = np.log([[0.9, 0.1], [0.1, 0.9]])
     kl = 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)
-    assert inception_score(logits, splits=1)[0] == pytest.approx(math.exp(kl), rel=1e-12)
-    # Confident and balanced over 10 classes in each of 2 splits: IS = 10, std 0.
+    assert inception_score(logits)[0] == pytest.approx(math.exp(kl), rel=1e-12)
+    # Confident and balanced over 10 classes in each of 2 chunks: IS = 10, std 0.
     confident = np.eye(10)[np.arange(20) % 10] * 100.0
-    mean, std = inception_score(confident, splits=2)
+    mean, std = inception_score(confident, split_size=10)
     assert mean == pytest.approx(10, rel=1e-9) and std == pytest.approx(0, abs=1e-9)
-    assert inception_score(np.zeros((20, 10)), splits=2)[0] == pytest.approx(1, rel=1e-12)
+    assert inception_score(np.zeros((20, 10)), split_size=10)[0] == pytest.approx(1, rel=1e-12)
+
+
+def adm_inception_score(logits, split_size=5000):
+    """ADM's evaluator (compute_inception_score) in plain numpy: float32 softmax, consecutive
+    chunks of split_size, the last partial chunk included, the mean over chunks."""
+    logits = logits.astype(np.float32)
+    preds = np.exp(logits - logits.max(1, keepdims=True))
+    preds /= preds.sum(1, keepdims=True)
+    scores = []
+    for i in range(0, len(preds), split_size):
+        part = preds[i:i + split_size]
+        kl = part * (np.log(part) - np.log(np.expand_dims(np.mean(part, 0), 0)))
+        scores.append(np.exp(np.mean(np.sum(kl, 1))))
+    return float(np.mean(scores))
+
+
+@pytest.mark.parametrize("n, expected", [(50000, 5.0), (10000, 5.0), (12000, 4.0)])
+def test_inception_score_uses_adm_chunks_of_5000(n, expected):
+    # Confident predictions whose class changes every 1000 samples (10 classes in turn):
+    # a chunk of 5000 sees 5 classes equally often (IS 5); ten equal splits of 10K would
+    # see one class each (IS 1); at 12K the last partial chunk of 2000 sees 2 classes
+    # (IS 2), and ADM keeps it: (5 + 5 + 2) / 3 = 4.
+    logits = np.eye(10, dtype=np.float32)[(np.arange(n) // 1000) % 10] * 50.0
+    mean, _ = inception_score(logits)
+    assert mean == pytest.approx(expected, rel=1e-6)
+    assert mean == pytest.approx(adm_inception_score(logits), rel=1e-5)
+
+
+def test_inception_score_matches_adm_on_random_logits():
+    logits = np.random.default_rng(0).standard_normal((12345, 20)) * 3
+    assert inception_score(logits)[0] == pytest.approx(adm_inception_score(logits), rel=1e-5)
 
 
 def adm_precision_recall(ref, sam, k=3):
@@ -193,7 +224,24 @@ def test_precision_recall_known_answers():
     sam = (rng.standard_normal((50, 8)) * 1.3 + 0.4).astype(np.float32)
     expected = adm_precision_recall(ref.astype(np.float64), sam.astype(np.float64))
     assert 0 < expected[0] < 1 and 0 < expected[1] < 1
-    assert precision_recall(ref, sam, batch_size=7) == pytest.approx(expected, abs=1e-9)
+    assert precision_recall(ref, sam, batch_size=7, fp16=False) == pytest.approx(expected, abs=1e-9)
+
+
+def test_precision_recall_distances_in_float16_as_adm():
+    # References on a line at 0, 1, 2, 3 (k = 3: the ball of 0 has squared radius 9) and a
+    # sample at -3.0005, whose squared distance to 0 is 9.003 in float32, but in float16 the
+    # sample rounds to -3 and lies on the ball's edge, inside: ADM counts it (float16
+    # distances), float32 does not. The other samples are far from everything.
+    ref = np.zeros((4, 2), dtype=np.float32)
+    ref[:, 0] = [0, 1, 2, 3]
+    sam = np.zeros((4, 2), dtype=np.float32)
+    sam[:, 0] = [-3.0005, 100, 101, 102]
+    assert precision_recall(ref, sam)[0] == 0.25
+    assert precision_recall(ref, sam, fp16=False)[0] == 0.0
+    # Squared distances beyond float16's range (65504) are computed again in float32, so
+    # the answers are float32's, not those of infinite distances.
+    big_ref, big_sam = ref * 1000, sam * 1000
+    assert precision_recall(big_ref, big_sam) == precision_recall(big_ref, big_sam, fp16=False) == (0.0, 1.0)
 
 
 def test_ssim_and_psnr_match_scikit_image():
