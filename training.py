@@ -30,6 +30,7 @@ evaluate.py stats <out>.npz: mu, sigma, mu_s, sigma_s, pool.
 metrics.jsonl: one JSON object per logging window (MetricsLog).
 """
 import contextlib
+import datetime
 import json
 import os
 import time
@@ -46,14 +47,16 @@ from layers import read_weights
 #                           torchrun / DistributedDataParallel                  #
 #################################################################################
 
-def setup_distributed(device=None):
+def setup_distributed(device=None, timeout=None):
     """(rank, world_size, device). Under torchrun, joins the process group (NCCL on GPU,
     gloo on CPU); under plain python, a single process. device "cpu" keeps a GPU machine
-    on the CPU; by default the GPU is used when there is one."""
+    on the CPU; by default the GPU is used when there is one. timeout: seconds a collective
+    may wait for the other ranks (None: torch's default, 10 minutes for NCCL)."""
     use_cuda = torch.cuda.is_available() and device != "cpu"
     rank, world_size, local_rank = 0, 1, 0
     if "RANK" in os.environ:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        dist.init_process_group("nccl" if use_cuda else "gloo",
+                                timeout=None if timeout is None else datetime.timedelta(seconds=timeout))
         rank, world_size = dist.get_rank(), dist.get_world_size()
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if use_cuda:
@@ -87,6 +90,19 @@ def all_reduce_mean(values, world_size):
         dist.all_reduce(tensor)
         tensor = tensor / world_size
     return tensor.cpu().tolist()
+
+
+def wait_for_files(paths, what, poll_s=2.0):
+    """Waits until every path exists: how a rank waits for the other ranks' work (sample
+    shards, latent cache parts). A barrier there would time out whenever the work is
+    uneven (NCCL kills the waiting ranks after 10 minutes); a file wait has no timeout, and
+    a rank that fails still ends the job, because torchrun then stops every rank."""
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        print(f"waiting for {len(missing)} {what} from the other ranks")
+    while missing:
+        time.sleep(poll_s)
+        missing = [p for p in missing if not os.path.exists(p)]
 
 
 #################################################################################
