@@ -160,3 +160,60 @@ def test_grid_of_chosen_classes(tmp_path):
     assert pixels.std() > 1
     with pytest.raises(SystemExit, match="--classes"):
         sample.main(["--ckpt", dit_path, "--grid", grid, "--classes", "3", "--device", "cpu"])
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def torchrun_slowly(tmp_path, module, call, seconds, args, port):
+    """Runs `module.call` under torchrun with 2 gloo ranks, each network call first sleeping
+    `seconds` (a shard longer than the process-group timeout); returns the finished process."""
+    import subprocess
+    import sys
+    script = tmp_path / f"slow_{module}.py"
+    script.write_text(f"import sys, time\nsys.path.insert(0, {ROOT!r})\nimport {module}\n"
+                      f"original = {module}.{call}\n"
+                      f"def slow(*args, **kwargs):\n    time.sleep({seconds})\n    return original(*args, **kwargs)\n"
+                      f"{module}.{call} = slow\n{module}.main(sys.argv[1:])\n")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+               str(script), *args]
+    return subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          cwd=ROOT, timeout=300)
+
+
+def test_two_ranks_with_uneven_shards_outlast_a_short_timeout_then_metrics(tmp_path, monkeypatch):
+    """3 shards over 2 gloo ranks: rank 0 samples two, rank 1 one, and every shard takes
+    longer than the 4 s process-group timeout. A barrier at the end killed the idle rank;
+    the file wait does not. The batch is then measured against an ADM-layout reference."""
+    import evaluate
+    from inception import load_inception
+    _, _, _, dit_path = tiny_checkpoints(tmp_path)
+    out = str(tmp_path / "samples.npz")
+    flags = ["--ckpt", dit_path, "--num-samples", "5", "--shard-size", "2", "--steps", "1", "--device", "cpu"]
+    result = torchrun_slowly(tmp_path, "sample", "sample_images", 6, [*flags, "--out", out, "--dist-timeout", "4"],
+                             29541)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single = str(tmp_path / "single.npz")
+    sample.main([*flags, "--out", single])                       # the same images from one process
+    with np.load(out) as f, np.load(single) as g:
+        assert f["arr_0"].shape == (5, 32, 32, 3) and f["arr_1"].tolist() == [0, 1, 2, 0, 1]
+        assert np.array_equal(f["arr_0"], g["arr_0"])
+
+    # ADM's reference batch layout: arr_0 images and ADM's statistics, no pool features.
+    torch.manual_seed(0)
+    weights = str(tmp_path / "inception.pth")
+    torch.save(load_inception().state_dict(), weights)
+    rng = np.random.default_rng(0)
+    ref = str(tmp_path / "VIRTUAL_ref.npz")
+    np.savez(ref, arr_0=rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8), mu=np.zeros(2048),
+             sigma=np.eye(2048), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+    calls = []                                   # sqrtm of 2048-d covariances is slow: record the calls
+    monkeypatch.setattr(evaluate, "frechet_distance", lambda *s: calls.append(s) or float(len(calls)))
+    metrics = str(tmp_path / "metrics.json")
+    evaluate.main(["metrics", "--samples", out, "--ref", ref, "--inception-weights", weights, "--batch-size", "4",
+                   "--device", "cpu", "--out", metrics])
+    with open(metrics) as f:
+        results = json.load(f)
+    assert results["num_samples"] == 5 and results["fid"] == 1.0 and results["sfid"] == 2.0
+    assert 0 <= results["precision"] <= 1 and 0 <= results["recall"] <= 1 and results["inception_score"] >= 1
+    assert np.array_equal(calls[0][2], np.zeros(2048)) and calls[0][0].shape == (2048,)
