@@ -11,8 +11,17 @@ latents and FD_DINOv2, with the commands that compute them:
 
 Sample batches come from sample.py. File layouts (numpy .npz):
     statistics  mu, sigma (pytorch-fid) and mu_s, sigma_s (ADM's sFID keys), plus `pool`:
-                the (N, 2048) float32 pool3 features, which precision/recall need (ADM's own
+                the (N, 2048) float32 pool3 features, which precision/recall need, and
+                `preprocess`, the Inception input mode they were made with (ADM's own
                 reference batches hold the images as arr_0 instead; both are accepted).
+
+The Inception's input mode (--preprocess, see inception.py): "adm" (TF1 bilinear resize of
+0..255 pixels, as ADM's evaluator) or "pytorch-fid". By default (auto) `metrics` uses the
+mode of its reference: the one our stats file records; "adm" for ADM's reference batches
+(arr_0 images, or mu_s/sigma_s without `pool`), whose statistics the TF graph made;
+"pytorch-fid" for a file of mu and sigma alone (pytorch-fid's) and for our older stats
+files. `stats` and `recon` default to "pytorch-fid" (our choice). Exactly ADM's numbers:
+`metrics` against ADM's own reference batch with the defaults.
     samples     arr_0: uint8 (N, H, W, 3) images, arr_1: int64 (N,) labels (ADM's layout).
 """
 import argparse
@@ -27,7 +36,7 @@ import torch.nn.functional as F
 from scipy import linalg
 
 from data import build_dataset
-from inception import INCEPTION_FILE, INCEPTION_HELP, INCEPTION_URL, download_inception, load_inception
+from inception import INCEPTION_FILE, INCEPTION_HELP, INCEPTION_URL, PREPROCESS, download_inception, load_inception
 from tokenizer import encoder_input, load_dinov2, load_stand_in, load_tokenizer
 from training import psnr, save_grid, save_json, save_npz
 
@@ -266,6 +275,17 @@ def npz_image_batches(path, batch_size, key="arr_0"):
         yield torch.from_numpy(batch.copy())
 
 
+def reference_preprocess(path):
+    """The Inception input mode a reference file's statistics were made with (module doc)."""
+    keys = npz_keys(path)
+    if "preprocess" in keys:
+        with np.load(path) as f:
+            return str(f["preprocess"])
+    if "pool" not in keys and ("arr_0" in keys or "mu_s" in keys):
+        return "adm"
+    return "pytorch-fid"
+
+
 def load_reference(path, model, device, batch_size):
     """Reference statistics and pool features from our stats file, a pytorch-fid file
     (mu, sigma) or an ADM reference batch (arr_0 images and mu, sigma, mu_s, sigma_s).
@@ -327,8 +347,9 @@ def measure_reconstructions(tok, dataset, args, feature_fns, probe="mean", quant
 #                                   Commands                                    #
 #################################################################################
 
-def inception_from_args(args, needed_for):
-    """The Inception on args.device, or None after saying which file the metrics need."""
+def inception_from_args(args, needed_for, preprocess="pytorch-fid"):
+    """The Inception on args.device with the given input mode, or None after saying which
+    file the metrics need."""
     weights = args.inception_weights
     if weights is None and args.download:
         weights = download_inception()
@@ -336,7 +357,7 @@ def inception_from_args(args, needed_for):
         problem = "no Inception weights given" if weights is None else f"Inception weights not found: {weights}"
         print(f"{needed_for} skipped: {problem}; {INCEPTION_HELP}")
         return None
-    return load_inception(weights).to(args.device)
+    return load_inception(weights, preprocess).to(args.device)
 
 
 def data_from_args(args, image_size):
@@ -351,7 +372,8 @@ def data_from_args(args, image_size):
 
 
 def cmd_stats(args):
-    model = inception_from_args(args, "reference statistics (FID, sFID, precision/recall)")
+    preprocess = "pytorch-fid" if args.preprocess == "auto" else args.preprocess
+    model = inception_from_args(args, "reference statistics (FID, sFID, precision/recall)", preprocess)
     if model is None:
         raise SystemExit(1)
     dataset = data_from_args(args, args.image_size)
@@ -359,19 +381,29 @@ def cmd_stats(args):
                        keys=("pool", "spatial"))
     mu, sigma = statistics(features["pool"])
     mu_s, sigma_s = statistics(features["spatial"])
-    save_npz(args.out, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s, pool=features["pool"])
+    save_npz(args.out, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s, pool=features["pool"],
+             preprocess=np.array(preprocess))
     print(f"wrote statistics of {len(features['pool'])} images to {args.out}")
 
 
 
 
 def cmd_metrics(args):
-    model = inception_from_args(args, "FID, sFID, IS, precision and recall")
+    for path, what in ((args.samples, "--samples"), (args.ref, "--ref")):
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: {what} file not found: {path}")
+    preprocess = reference_preprocess(args.ref)
+    if args.preprocess != "auto":
+        if "preprocess" in npz_keys(args.ref) and args.preprocess != preprocess:
+            raise SystemExit(f"error: {args.ref} was made with --preprocess {preprocess}; pass that mode (or auto), "
+                             f"or rebuild the reference with `evaluate.py stats --preprocess {args.preprocess}`")
+        preprocess = args.preprocess
+    model = inception_from_args(args, "FID, sFID, IS, precision and recall", preprocess)
     if model is None:
         raise SystemExit(1)
     samples = extract(model, npz_image_batches(args.samples, args.batch_size), args.device)
     ref = load_reference(args.ref, model, args.device, args.batch_size)
-    results = {"num_samples": len(samples["pool"])}
+    results = {"num_samples": len(samples["pool"]), "preprocess": preprocess}
     results["fid"] = frechet_distance(*statistics(samples["pool"]), ref["mu"], ref["sigma"])
     if ref["mu_s"] is not None:
         results["sfid"] = frechet_distance(*statistics(samples["spatial"]), ref["mu_s"], ref["sigma_s"])
@@ -396,7 +428,7 @@ def report(results, out):
 
 def cmd_recon(args):
     tok = load_tokenizer(args.tokenizer).to(args.device)
-    inception = inception_from_args(args, "rFID")
+    inception = inception_from_args(args, "rFID", "pytorch-fid" if args.preprocess == "auto" else args.preprocess)
     if inception is not None:
         name, fn = "rfid", inception
     else:
@@ -478,6 +510,10 @@ def add_inception(parser):
                         help=f"pytorch-fid's {INCEPTION_FILE} (from {INCEPTION_URL})")
     parser.add_argument("--download", action="store_true",
                         help="download the Inception weights into the torch hub cache if --inception-weights is not given")
+    parser.add_argument("--preprocess", default="auto", choices=("auto",) + PREPROCESS,
+                        help="Inception input: adm (TF1 bilinear resize of 0..255 pixels, ADM's evaluator) or "
+                             "pytorch-fid; auto: metrics follows its reference (adm for ADM's reference batches), "
+                             "stats and recon use pytorch-fid (our choice)")
     parser.add_argument("--allow-tf32", action="store_true",
                         help="allow TF32 convolutions/matmuls on GPU (faster, not bit-comparable; off by default)")
 

@@ -17,7 +17,7 @@ import evaluate
 from evaluate import (dinov2_features, frechet_distance, inception_score, iter_npz_array, linear_probe,
                       load_reference, main, precision_recall, psnr, ssim)
 from evaluate import feature_distance as fd_dinov2
-from inception import INCEPTION_URL, load_inception
+from inception import INCEPTION_URL, load_inception, resize_tf1_bilinear
 from training import save_npz
 
 
@@ -106,6 +106,69 @@ def test_inception_weight_file(inception, tmp_path):
     with pytest.raises(FileNotFoundError) as error:
         load_inception(str(tmp_path / "missing.pth"))
     assert INCEPTION_URL in str(error.value) and "--inception-weights" in str(error.value)
+
+
+@pytest.mark.parametrize("size", [(32, 32), (256, 256), (64, 96), (400, 333), (299, 299)])
+def test_tf1_resize_matches_torch_fidelity(size):
+    """ADM's resize (the TF graph's) against torch-fidelity's port of TF1's bilinear kernel,
+    up and down; pytorch-fid's half-pixel resize is measurably different."""
+    from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (2, 3, *size)).float()
+    expected = interpolate_bilinear_2d_like_tensorflow1x(x, size=(299, 299), align_corners=False)
+    assert (resize_tf1_bilinear(x, (299, 299)) - expected).abs().max() < 1e-3
+    if size != (299, 299):
+        half_pixel = torch.nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        assert (half_pixel - expected).abs().max() > 1
+
+
+@pytest.fixture(scope="module")
+def torch_fidelity_inception(inception):
+    """torch-fidelity's uint8-input FID Inception (TF1 resize, (x - 128) / 128 inside) built
+    without downloading: its weight loader returns our random state dict."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fidelity
+    state = inception.state_dict()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fidelity, "load_state_dict_from_url", lambda *args, **kwargs: {k: v.clone() for k, v in state.items()})
+        return fidelity.FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"])
+
+
+@pytest.mark.parametrize("size", [(256, 256), (64, 96)])
+def test_adm_preprocessing_matches_torch_fidelity(inception, torch_fidelity_inception, size):
+    import copy
+    adm = copy.deepcopy(inception)
+    adm.preprocess_mode = "adm"
+    torch.manual_seed(2)
+    images = torch.randint(0, 256, (2, *size, 3), dtype=torch.uint8)             # as stored in an npz
+    with torch.no_grad():
+        pool, logits = torch_fidelity_inception(images.permute(0, 3, 1, 2))
+        ours = evaluate.extract(adm, [images], "cpu", keys=("pool", "logits_unbiased"))
+        other = evaluate.extract(inception, [images], "cpu", keys=("pool",))["pool"]
+    assert pool.std() > 0.05
+    assert rel_err(torch.from_numpy(ours["pool"]), pool) < 1e-4
+    assert rel_err(torch.from_numpy(ours["logits_unbiased"]), logits) < 1e-4
+    assert rel_err(torch.from_numpy(other), pool) > 1e-3                       # pytorch-fid's input is not ADM's
+
+
+def test_metrics_follow_the_reference_preprocessing(tmp_path):
+    rng = np.random.default_rng(0)
+    mu, sigma, pool = np.zeros(4), np.eye(4), rng.standard_normal((5, 4)).astype(np.float32)
+    images = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    layouts = {"adm_batch": (dict(arr_0=images, mu=mu, sigma=sigma, mu_s=mu, sigma_s=sigma), "adm"),
+               "adm_images_only": (dict(arr_0=images), "adm"),
+               "adm_statistics_only": (dict(mu=mu, sigma=sigma, mu_s=mu, sigma_s=sigma), "adm"),
+               "pytorch_fid": (dict(mu=mu, sigma=sigma), "pytorch-fid"),
+               "ours_before_the_key": (dict(mu=mu, sigma=sigma, mu_s=mu, sigma_s=sigma, pool=pool), "pytorch-fid"),
+               "ours_adm": (dict(mu=mu, sigma=sigma, pool=pool, preprocess=np.array("adm")), "adm")}
+    for name, (arrays, expected) in layouts.items():
+        path = str(tmp_path / f"{name}.npz")
+        save_npz(path, **arrays)
+        assert evaluate.reference_preprocess(path) == expected, name
+    samples = str(tmp_path / "samples.npz")
+    save_npz(samples, arr_0=images, arr_1=np.arange(3))
+    with pytest.raises(SystemExit, match="--preprocess adm"):
+        main(["metrics", "--samples", samples, "--ref", str(tmp_path / "ours_adm.npz"), "--preprocess", "pytorch-fid",
+              "--device", "cpu"])
 
 
 #################################################################################
@@ -336,6 +399,7 @@ def test_stats_and_metrics_end_to_end(inception, tmp_path, monkeypatch, capsys):
         stats = {k: f[k] for k in f.files}
     assert stats["pool"].shape == (8, 2048) and stats["sigma"].shape == (2048, 2048)
     assert stats["mu_s"].shape == (2023,) and stats["sigma_s"].shape == (2023, 2023)
+    assert str(stats["preprocess"]) == "pytorch-fid"                   # stats records its Inception input
     images, labels = synthetic_uint8(8)
     with torch.no_grad():
         direct = inception(torch.from_numpy(images[:2]).permute(0, 3, 1, 2).float() / 255)
@@ -354,6 +418,7 @@ def test_stats_and_metrics_end_to_end(inception, tmp_path, monkeypatch, capsys):
     with open(out) as f:
         results = json.load(f)
     assert results["fid"] == 1.0 and results["sfid"] == 2.0 and results["num_samples"] == 8
+    assert results["preprocess"] == "pytorch-fid"
     assert results["precision"] == 1.0 and results["recall"] == 1.0
     assert 1.0 <= results["inception_score"] < 1008
     (mu1, s1, mu2, s2), (mu1_s, s1_s, mu2_s, s2_s) = calls
@@ -371,6 +436,7 @@ def test_stats_and_metrics_end_to_end(inception, tmp_path, monkeypatch, capsys):
     assert np.array_equal(calls[0][2], stats["mu"] + 1) and np.array_equal(calls[1][2], stats["mu_s"])
     printed = json.loads(capsys.readouterr().out.split("\n", 1)[1])     # after "computing reference ..."
     assert printed["precision"] == 1.0 and printed["recall"] == 1.0
+    assert printed["preprocess"] == "adm"                               # ADM's statistics: ADM's input
 
     with pytest.raises(SystemExit):
         main(["metrics", "--samples", samples, "--ref", ref, "--device", "cpu"])

@@ -215,5 +215,6 @@ def test_two_ranks_with_uneven_shards_outlast_a_short_timeout_then_metrics(tmp_p
     with open(metrics) as f:
         results = json.load(f)
     assert results["num_samples"] == 5 and results["fid"] == 1.0 and results["sfid"] == 2.0
+    assert results["preprocess"] == "adm"
     assert 0 <= results["precision"] <= 1 and 0 <= results["recall"] <= 1 and results["inception_score"] >= 1
     assert np.array_equal(calls[0][2], np.zeros(2048)) and calls[0][0].shape == (2048,)
