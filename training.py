@@ -24,9 +24,10 @@ train_diffusion.py <out>/checkpoint.pt
 latent cache <cache-dir>/latents-<key>.npy and latents-<key>.json
     (N, 2, C, h, w) raw latents of every image and its flip; the .json header holds the
     fingerprint whose hash is <key>, the shape and the source paths (see latents.py).
-sample.py <out>.npz (arr_0 uint8 images (N, H, W, 3), arr_1 int64 labels) and
-    <out>_shards/ with settings.json and shard_*.npz.
-evaluate.py stats <out>.npz: mu, sigma, mu_s, sigma_s, pool.
+sample.py <out>.npz (arr_0 uint8 images (N, H, W, 3), arr_1 int64 labels, settings: the
+    JSON of the weight hashes, step and flags they came from) and <out>_shards/ with
+    settings.json (the same JSON) and shard_*.npz.
+evaluate.py stats <out>.npz: mu, sigma, mu_s, sigma_s, pool, preprocess (the Inception input mode).
 metrics.jsonl: one JSON object per logging window (MetricsLog).
 """
 import contextlib
