@@ -11,8 +11,17 @@ latents and FD_DINOv2, with the commands that compute them:
 
 Sample batches come from sample.py. File layouts (numpy .npz):
     statistics  mu, sigma (pytorch-fid) and mu_s, sigma_s (ADM's sFID keys), plus `pool`:
-                the (N, 2048) float32 pool3 features, which precision/recall need (ADM's own
+                the (N, 2048) float32 pool3 features, which precision/recall need, and
+                `preprocess`, the Inception input mode they were made with (ADM's own
                 reference batches hold the images as arr_0 instead; both are accepted).
+
+The Inception's input mode (--preprocess, see inception.py): "adm" (TF1 bilinear resize of
+0..255 pixels, as ADM's evaluator) or "pytorch-fid". By default (auto) `metrics` uses the
+mode of its reference: the one our stats file records; "adm" for ADM's reference batches
+(arr_0 images, or mu_s/sigma_s without `pool`), whose statistics the TF graph made;
+"pytorch-fid" for a file of mu and sigma alone (pytorch-fid's) and for our older stats
+files. `stats` and `recon` default to "pytorch-fid" (our choice). Exactly ADM's numbers:
+`metrics` against ADM's own reference batch with the defaults.
     samples     arr_0: uint8 (N, H, W, 3) images, arr_1: int64 (N,) labels (ADM's layout).
 """
 import argparse
@@ -27,7 +36,7 @@ import torch.nn.functional as F
 from scipy import linalg
 
 from data import build_dataset
-from inception import INCEPTION_FILE, INCEPTION_HELP, INCEPTION_URL, download_inception, load_inception
+from inception import INCEPTION_FILE, INCEPTION_HELP, INCEPTION_URL, PREPROCESS, download_inception, load_inception
 from tokenizer import encoder_input, load_dinov2, load_stand_in, load_tokenizer
 from training import psnr, save_grid, save_json, save_npz
 
@@ -105,13 +114,14 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
-def inception_score(logits, splits=10):
-    """exp(E_x KL(p(y|x) || p(y))) averaged over `splits` equal contiguous parts (fewer
-    when there are fewer samples); returns (mean, std). With 50K samples this is ADM's
-    evaluator (5000-image splits)."""
+def inception_score(logits, split_size=5000):
+    """exp(E_x KL(p(y|x) || p(y))) on consecutive chunks of split_size samples, the last
+    partial chunk included; returns the (mean, std) over chunks. This is ADM's evaluator
+    (compute_inception_score, split_size=5000; it reports the mean only), so that any N
+    gives ADM's number, not only 50K."""
     logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
     scores = []
-    for part in torch.tensor_split(logits, min(splits, len(logits))):
+    for part in torch.split(logits, split_size):
         log_p = torch.log_softmax(part, dim=1)                      # (n, K)
         log_marginal = torch.logsumexp(log_p, dim=0) - math.log(part.shape[0])
         kl = (log_p.exp() * (log_p - log_marginal)).sum(dim=1).mean()
@@ -119,39 +129,47 @@ def inception_score(logits, splits=10):
     return float(np.mean(scores)), float(np.std(scores))
 
 
-def pairwise_sq_distances(u, v):
+def pairwise_sq_distances(u, v, fp16=True):
     """Squared Euclidean distances (n, m) as ADM's evaluator: |u|^2 - 2 u.v + |v|^2,
-    clamped at zero. (ADM tries float16 first; we stay in float32.)"""
-    d = (u * u).sum(1, keepdim=True) - 2 * u @ v.t() + (v * v).sum(1).unsqueeze(0)
-    return d.clamp_min(0)
+    clamped at zero, computed in float16 and returned as float32; a block with a
+    non-finite float16 distance is computed again in float32 (ADM's tf.cond). fp16=False
+    computes every block in float32."""
+    def distances(a, b):
+        return ((a * a).sum(1, keepdim=True) - 2 * a @ b.t() + (b * b).sum(1).unsqueeze(0)).clamp_min(0)
+    if fp16:
+        d = distances(u.half(), v.half())
+        if torch.isfinite(d).all():
+            return d.float()
+    return distances(u.float(), v.float())
 
 
-def manifold_radii(features, k=3, batch_size=10000):
+def manifold_radii(features, k=3, batch_size=10000, fp16=True):
     """Squared distance of each point to its k-th nearest neighbour in the same set
     (the point itself counts as the 0th, as in ADM's evaluator)."""
     radii = []
     for start in range(0, len(features), batch_size):
-        d = torch.cat([pairwise_sq_distances(features[start:start + batch_size], features[s:s + batch_size])
+        d = torch.cat([pairwise_sq_distances(features[start:start + batch_size], features[s:s + batch_size], fp16)
                        for s in range(0, len(features), batch_size)], dim=1)
         radii.append(d.topk(k + 1, dim=1, largest=False).values[:, k])
     return torch.cat(radii)
 
 
 @torch.no_grad()
-def precision_recall(ref_features, sample_features, k=3, batch_size=10000, device="cpu"):
+def precision_recall(ref_features, sample_features, k=3, batch_size=10000, device="cpu", fp16=True):
     """Improved precision and recall (Kynkaanniemi et al. 2019) as in ADM's evaluator:
     precision = fraction of samples inside some reference k-NN ball, recall = fraction
-    of references inside some sample k-NN ball. Distances in batches of batch_size."""
+    of references inside some sample k-NN ball. Distances in blocks of batch_size rows
+    and columns (ADM's 10000), in float16 unless fp16=False (see pairwise_sq_distances)."""
     ref = torch.as_tensor(np.asarray(ref_features), dtype=torch.float32, device=device)
     sam = torch.as_tensor(np.asarray(sample_features), dtype=torch.float32, device=device)
     if min(len(ref), len(sam)) <= k:
         raise ValueError(f"precision/recall with k={k} needs more than {k} images in each set")
-    ref_radii, sam_radii = manifold_radii(ref, k, batch_size), manifold_radii(sam, k, batch_size)
+    ref_radii, sam_radii = manifold_radii(ref, k, batch_size, fp16), manifold_radii(sam, k, batch_size, fp16)
     ref_covered = torch.zeros(len(ref), dtype=torch.bool, device=device)
     sam_covered = torch.zeros(len(sam), dtype=torch.bool, device=device)
     for i in range(0, len(ref), batch_size):
         for j in range(0, len(sam), batch_size):
-            d = pairwise_sq_distances(ref[i:i + batch_size], sam[j:j + batch_size])    # (n, m)
+            d = pairwise_sq_distances(ref[i:i + batch_size], sam[j:j + batch_size], fp16)    # (n, m)
             sam_covered[j:j + batch_size] |= (d <= ref_radii[i:i + batch_size, None]).any(0)
             ref_covered[i:i + batch_size] |= (d <= sam_radii[None, j:j + batch_size]).any(1)
     return sam_covered.double().mean().item(), ref_covered.double().mean().item()
@@ -257,6 +275,17 @@ def npz_image_batches(path, batch_size, key="arr_0"):
         yield torch.from_numpy(batch.copy())
 
 
+def reference_preprocess(path):
+    """The Inception input mode a reference file's statistics were made with (module doc)."""
+    keys = npz_keys(path)
+    if "preprocess" in keys:
+        with np.load(path) as f:
+            return str(f["preprocess"])
+    if "pool" not in keys and ("arr_0" in keys or "mu_s" in keys):
+        return "adm"
+    return "pytorch-fid"
+
+
 def load_reference(path, model, device, batch_size):
     """Reference statistics and pool features from our stats file, a pytorch-fid file
     (mu, sigma) or an ADM reference batch (arr_0 images and mu, sigma, mu_s, sigma_s).
@@ -318,8 +347,9 @@ def measure_reconstructions(tok, dataset, args, feature_fns, probe="mean", quant
 #                                   Commands                                    #
 #################################################################################
 
-def inception_from_args(args, needed_for):
-    """The Inception on args.device, or None after saying which file the metrics need."""
+def inception_from_args(args, needed_for, preprocess="pytorch-fid"):
+    """The Inception on args.device with the given input mode, or None after saying which
+    file the metrics need."""
     weights = args.inception_weights
     if weights is None and args.download:
         weights = download_inception()
@@ -327,7 +357,7 @@ def inception_from_args(args, needed_for):
         problem = "no Inception weights given" if weights is None else f"Inception weights not found: {weights}"
         print(f"{needed_for} skipped: {problem}; {INCEPTION_HELP}")
         return None
-    return load_inception(weights).to(args.device)
+    return load_inception(weights, preprocess).to(args.device)
 
 
 def data_from_args(args, image_size):
@@ -342,7 +372,8 @@ def data_from_args(args, image_size):
 
 
 def cmd_stats(args):
-    model = inception_from_args(args, "reference statistics (FID, sFID, precision/recall)")
+    preprocess = "pytorch-fid" if args.preprocess == "auto" else args.preprocess
+    model = inception_from_args(args, "reference statistics (FID, sFID, precision/recall)", preprocess)
     if model is None:
         raise SystemExit(1)
     dataset = data_from_args(args, args.image_size)
@@ -350,29 +381,40 @@ def cmd_stats(args):
                        keys=("pool", "spatial"))
     mu, sigma = statistics(features["pool"])
     mu_s, sigma_s = statistics(features["spatial"])
-    save_npz(args.out, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s, pool=features["pool"])
+    save_npz(args.out, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s, pool=features["pool"],
+             preprocess=np.array(preprocess))
     print(f"wrote statistics of {len(features['pool'])} images to {args.out}")
 
 
 
 
 def cmd_metrics(args):
-    model = inception_from_args(args, "FID, sFID, IS, precision and recall")
+    for path, what in ((args.samples, "--samples"), (args.ref, "--ref")):
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: {what} file not found: {path}")
+    preprocess = reference_preprocess(args.ref)
+    if args.preprocess != "auto":
+        if "preprocess" in npz_keys(args.ref) and args.preprocess != preprocess:
+            raise SystemExit(f"error: {args.ref} was made with --preprocess {preprocess}; pass that mode (or auto), "
+                             f"or rebuild the reference with `evaluate.py stats --preprocess {args.preprocess}`")
+        preprocess = args.preprocess
+    model = inception_from_args(args, "FID, sFID, IS, precision and recall", preprocess)
     if model is None:
         raise SystemExit(1)
     samples = extract(model, npz_image_batches(args.samples, args.batch_size), args.device)
     ref = load_reference(args.ref, model, args.device, args.batch_size)
-    results = {"num_samples": len(samples["pool"])}
+    results = {"num_samples": len(samples["pool"]), "preprocess": preprocess}
     results["fid"] = frechet_distance(*statistics(samples["pool"]), ref["mu"], ref["sigma"])
     if ref["mu_s"] is not None:
         results["sfid"] = frechet_distance(*statistics(samples["spatial"]), ref["mu_s"], ref["sigma_s"])
     else:
         print(f"sFID skipped: {args.ref} has no mu_s/sigma_s or images")
     results["inception_score"], results["inception_score_std"] = inception_score(samples["logits_unbiased"],
-                                                                                 args.is_splits)
+                                                                                 args.is_split_size)
     if ref["pool"] is not None:
         results["precision"], results["recall"] = precision_recall(
-            ref["pool"], samples["pool"], k=args.k, batch_size=args.pr_batch_size, device=args.device)
+            ref["pool"], samples["pool"], k=args.k, batch_size=args.pr_batch_size, device=args.device,
+            fp16=args.pr_precision == "fp16")
     else:
         print(f"precision/recall skipped: {args.ref} has no pool features or images")
     report(results, args.out)
@@ -386,7 +428,7 @@ def report(results, out):
 
 def cmd_recon(args):
     tok = load_tokenizer(args.tokenizer).to(args.device)
-    inception = inception_from_args(args, "rFID")
+    inception = inception_from_args(args, "rFID", "pytorch-fid" if args.preprocess == "auto" else args.preprocess)
     if inception is not None:
         name, fn = "rfid", inception
     else:
@@ -468,6 +510,10 @@ def add_inception(parser):
                         help=f"pytorch-fid's {INCEPTION_FILE} (from {INCEPTION_URL})")
     parser.add_argument("--download", action="store_true",
                         help="download the Inception weights into the torch hub cache if --inception-weights is not given")
+    parser.add_argument("--preprocess", default="auto", choices=("auto",) + PREPROCESS,
+                        help="Inception input: adm (TF1 bilinear resize of 0..255 pixels, ADM's evaluator) or "
+                             "pytorch-fid; auto: metrics follows its reference (adm for ADM's reference batches), "
+                             "stats and recon use pytorch-fid (our choice)")
     parser.add_argument("--allow-tf32", action="store_true",
                         help="allow TF32 convolutions/matmuls on GPU (faster, not bit-comparable; off by default)")
 
@@ -498,7 +544,12 @@ def build_parser():
     metrics.add_argument("--ref", required=True, help="our stats npz, a pytorch-fid npz or ADM's reference batch")
     metrics.add_argument("--k", type=int, default=3, help="nearest neighbours for precision/recall (ADM: 3)")
     metrics.add_argument("--pr-batch-size", type=int, default=10000, help="rows per distance block")
-    metrics.add_argument("--is-splits", type=int, default=10, help="Inception Score splits (ADM: 5000-image splits of 50K)")
+    metrics.add_argument("--pr-precision", default="fp16", choices=("fp16", "fp32"),
+                         help="precision/recall distances in float16 with a float32 retry where not finite "
+                              "(ADM's evaluator), or all in float32")
+    metrics.add_argument("--is-split-size", type=int, default=5000,
+                         help="Inception Score on consecutive chunks of this many samples, the last partial chunk "
+                              "included (ADM's evaluator: 5000)")
 
     recon = commands.add_parser("recon", help="rFID / FD_DINOv2, PSNR, SSIM and linear probe of a tokenizer")
     add_common(recon)
@@ -536,6 +587,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.command == "stats" and not args.out:
         raise SystemExit(f"{args.command}: pass --out PATH")
+    if args.command == "metrics" and min(args.is_split_size, args.pr_batch_size, args.k) < 1:
+        raise SystemExit("error: --is-split-size, --pr-batch-size and --k must be positive (ADM: 5000, 10000, 3)")
     if not getattr(args, "allow_tf32", False):
         # TF32 rounds convolution inputs to 10-bit mantissas; keep the features exact
         # float32 so that the numbers compare with pytorch-fid's and ADM's.

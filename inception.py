@@ -3,8 +3,13 @@ The FID Inception: the network of TensorFlow's inception-2015-12-05 graph on whi
 sFID, the Inception Score and precision/recall are defined, written here in PyTorch and
 loaded from pytorch-fid's weight file (pt_inception-2015-12-05-6726825d.pth).
 
-    model = load_inception("pt_inception-2015-12-05-6726825d.pth")
+    model = load_inception("pt_inception-2015-12-05-6726825d.pth", preprocess="adm")
     model.features(images)      # images in [0, 1], any size -> pool, logits, sFID features
+
+Two ways into the network (PREPROCESS): "adm" is what ADM's evaluator feeds the TF graph
+(TF1's legacy bilinear resize of 0..255 pixels, then (x - 128) / 128), the protocol behind
+ADM's reference statistics; "pytorch-fid" is pytorch-fid's (half-pixel bilinear resize of
+[0, 1] pixels, then 2x - 1).
 """
 import os
 
@@ -16,8 +21,36 @@ from layers import load_state_dict_strict, read_weights
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{INCEPTION_FILE}"
+PREPROCESS = ("adm", "pytorch-fid")
 INCEPTION_HELP = (f"pass --inception-weights PATH to pytorch-fid's {INCEPTION_FILE} (get it from "
                   f"{INCEPTION_URL}, or add --download to fetch it once into the torch hub cache)")
+
+
+#################################################################################
+#                     TF1's bilinear resize (ADM's preprocessing)               #
+#################################################################################
+
+def tf1_bilinear_weights(size_in, size_out):
+    """(size_out, size_in) weights of TensorFlow 1's legacy ResizeBilinear along one axis
+    (align_corners=False, half_pixel_centers=False), which the 2015 Inception graph applies
+    to its input: output pixel i samples the input at i * size_in / size_out (computed in
+    float32 as TF does), between floor of that and the next pixel, the last one repeated."""
+    source = torch.arange(size_out, dtype=torch.float32) * torch.tensor(size_in / size_out, dtype=torch.float32)
+    low = source.floor().long()
+    frac = (source - low).double()
+    weights = torch.zeros(size_out, size_in, dtype=torch.float64)
+    rows = torch.arange(size_out)
+    weights[rows, low] += 1 - frac
+    weights[rows, (low + 1).clamp_max(size_in - 1)] += frac
+    return weights
+
+
+def resize_tf1_bilinear(x, size):
+    """(N, C, H, W) -> (N, C, *size) with TF1's legacy bilinear resize: one weight matrix
+    per axis, rows then columns."""
+    rows = tf1_bilinear_weights(x.shape[-2], size[0]).to(x.device, x.dtype)
+    columns = tf1_bilinear_weights(x.shape[-1], size[1]).to(x.device, x.dtype)
+    return rows @ x @ columns.t()
 
 
 #################################################################################
@@ -166,8 +199,11 @@ class FIDInceptionV3(nn.Module):
     """forward(x): RGB in [0, 1] (N, 3, H, W), any size -> pool3 features (N, 2048).
     features(x): pool3, logits and the sFID spatial features from one pass."""
 
-    def __init__(self):
+    def __init__(self, preprocess="pytorch-fid"):
         super().__init__()
+        if preprocess not in PREPROCESS:
+            raise ValueError(f"preprocess must be one of {PREPROCESS}, got {preprocess!r}")
+        self.preprocess_mode = preprocess
         self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
         self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
         self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
@@ -197,13 +233,21 @@ class FIDInceptionV3(nn.Module):
         nn.init.zeros_(self.fc.bias)
 
     def preprocess(self, x):
-        """[0, 1] at any size -> 299x299 in [-1, 1], as pytorch-fid: bilinear resize with
-        align_corners=False, then 2x - 1. (ADM feeds [0, 255] to the TF graph, which resizes
-        with TF1's legacy bilinear kernel and maps (x - 128) / 128: identical at 299 px
-        except that scale, within a fraction of a grey level.)"""
-        if x.shape[-2:] != (299, 299):  # a same-size bilinear resize is the identity
-            x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        x = 2 * x - 1
+        """[0, 1] at any size -> 299x299 network input, as self.preprocess_mode says:
+        "pytorch-fid": bilinear resize with half-pixel centres (F.interpolate,
+        align_corners=False), then 2x - 1;
+        "adm": ADM's evaluator feeds 0..255 pixels to the TF graph, which resizes with TF1's
+        legacy bilinear kernel (no half-pixel centres) and maps (x - 128) / 128.
+        The two differ by a fraction of a grey level per pixel, enough to move FID."""
+        if self.preprocess_mode == "adm":
+            x = 255 * x
+            if x.shape[-2:] != (299, 299):
+                x = resize_tf1_bilinear(x, (299, 299))
+            x = (x - 128) / 128
+        else:
+            if x.shape[-2:] != (299, 299):  # a same-size bilinear resize is the identity
+                x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+            x = 2 * x - 1
         if x.device.type == "cpu":
             # oneDNN runs these convolutions about 1.4x faster on channels-last input
             # (bench.py); GPUs keep the default layout, where it was not measured.
@@ -258,11 +302,11 @@ def download_inception():
     return path
 
 
-def load_inception(weights=None):
+def load_inception(weights=None, preprocess="pytorch-fid"):
     """The FID Inception in eval mode: random weights when `weights` is None, else
     pytorch-fid's pt_inception-2015-12-05-6726825d.pth (torchvision key layout),
-    loaded strictly."""
-    model = FIDInceptionV3()
+    loaded strictly; preprocess: "adm" or "pytorch-fid" (see FIDInceptionV3.preprocess)."""
+    model = FIDInceptionV3(preprocess)
     if weights is not None:
         state = read_weights(weights, "Inception weight file", INCEPTION_HELP)
         # Files saved before torch 0.4.1 lack the batch-norm step counters, which eval

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from training import atomic_path, autocast, barrier
+from layers import hash_weights
+from training import atomic_path, autocast, barrier, wait_for_files
 
 
 def tokenizer_fingerprint(tokenizer):
@@ -24,10 +25,8 @@ def tokenizer_fingerprint(tokenizer):
     digest = hashlib.sha256()
     config = {k: v for k, v in tokenizer.config.items() if not k.startswith("decoder")}
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
-    for name, tensor in tokenizer.state_dict().items():
-        if name.startswith(("encoder.", "adapter.")):
-            digest.update(f"{name} {tuple(tensor.shape)} {tensor.dtype}".encode())
-            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    hash_weights(digest, ((name, tensor) for name, tensor in tokenizer.state_dict().items()
+                          if name.startswith(("encoder.", "adapter."))))
     return digest.hexdigest()
 
 
@@ -57,27 +56,6 @@ def read_cache_header(path, fingerprint, shape):
     return header if matches else None
 
 
-def merge_parts(part_paths, path, shape, dtype):
-    """Concatenates the ranks' part files into the cache file, then renames it into place."""
-    if len(part_paths) == 1:
-        os.replace(part_paths[0], path)
-        return
-    temporary = part_paths[0] + ".merged"
-    merged = np.lib.format.open_memmap(temporary, mode="w+", dtype=dtype, shape=tuple(shape))
-    offset = 0
-    for part_path in part_paths:
-        part = np.load(part_path, mmap_mode="r")
-        for start in range(0, len(part), 4096):             # bounded memory on ImageNet-sized caches
-            chunk = part[start:start + 4096]
-            merged[offset + start:offset + start + len(chunk)] = chunk
-        offset += len(part)
-        del part
-        os.remove(part_path)
-    merged.flush()
-    del merged
-    os.replace(temporary, path)
-
-
 @torch.no_grad()
 def cache_latents(tokenizer, dataset, args, rank, world_size, device, expected_key=None):
     """Returns the path of the latent cache of `dataset` under `tokenizer`, building it if needed.
@@ -91,9 +69,10 @@ def cache_latents(tokenizer, dataset, args, rank, world_size, device, expected_k
     can share one cache folder; a changed tokenizer or data set gets a new key, so a new file.
     Labels are not stored: the fingerprint pins the data set, whose targets give them.
 
-    Under torchrun each rank encodes a contiguous block of images into its own part file,
-    then rank 0 concatenates the parts, renames the result into place and writes the header
-    last (the header is the commit mark). The cache folder must be visible to every rank.
+    Under torchrun each rank encodes a contiguous block of images into its rows of one
+    temporary file and leaves a done mark; rank 0 waits for the marks, renames the file into
+    place and writes the header last (the header is the commit mark, which the other ranks
+    wait for). The cache folder must be visible to every rank.
     expected_key (a resumed run's) stops with an error before anything is encoded if the
     tokenizer or data differ from the run's.
     The .npy is memory-mapped for training, so ImageNet's cache (1.28M x 2 x 32 x 16 x 16,
@@ -118,41 +97,58 @@ def cache_latents(tokenizer, dataset, args, rank, world_size, device, expected_k
             print(f"latent cache: reusing {path}")
         return path, key
 
+    # Every rank writes its contiguous block of images straight into its rows of one file
+    # that rank 0 creates, so nothing is merged afterwards (a merge of ImageNet's 42 GB kept the other
+    # ranks at a barrier long enough to time out). One token per run folder, so that two
+    # jobs building the same cache do not write the same file.
+    token = hashlib.sha256(os.path.abspath(args.out).encode()).hexdigest()[:8]
+    temporary = f"{path}.{token}.partial"
+    done_marks = [f"{temporary}.rank{r}of{world_size}.done" for r in range(world_size)]
+    header_path = path.removesuffix(".npy") + ".json"
     if rank == 0:
         os.makedirs(folder, exist_ok=True)
-    barrier(world_size)
-    # One token per run folder, so two jobs building the same cache do not write the same parts.
-    token = hashlib.sha256(os.path.abspath(args.out).encode()).hexdigest()[:8]
-    part_paths = [f"{path}.{token}.part{r}of{world_size}" for r in range(world_size)]
+        for stale in [header_path] + done_marks:        # left by an interrupted build
+            if os.path.exists(stale):
+                os.remove(stale)
+        np.lib.format.open_memmap(temporary, mode="w+", dtype=args.cache_dtype, shape=shape).flush()
+    barrier(world_size)                                  # the ranks arrive together: only the cache check ran
     start, end = rank * len(dataset) // world_size, (rank + 1) * len(dataset) // world_size
-    part = np.lib.format.open_memmap(part_paths[rank], mode="w+", dtype=args.cache_dtype,
-                                     shape=(end - start,) + shape[1:])
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(start, end)),
-                                         batch_size=args.cache_batch_size, num_workers=args.workers)
-    offset = 0
-    for images, _ in tqdm(loader, desc=f"encoding latents (rank 0 of {world_size})", disable=rank != 0,
-                          dynamic_ncols=True):
-        images = images.to(device)
-        with autocast(device):
-            z = tokenizer.encode(torch.cat((images, images.flip(-1)))).float()   # (2n, C, h, w)
-        pairs = torch.stack(z.chunk(2), dim=1).cpu().numpy().astype(args.cache_dtype)  # (n, 2, C, h, w)
-        if not np.isfinite(pairs).all():
-            raise SystemExit(f"error: the tokenizer gave non-finite latents (or they overflow {args.cache_dtype}; "
-                             f"try --cache-dtype float32); check --tokenizer {args.tokenizer}")
-        part[offset:offset + len(pairs)] = pairs
-        offset += len(pairs)
-    part.flush()
-    del part
-    barrier(world_size)
+    data_offset = np.load(temporary, mmap_mode="r").offset          # bytes before row 0
+    row_bytes = int(np.prod(shape[1:])) * np.dtype(args.cache_dtype).itemsize
+    # Plain positioned writes, not a shared memmap: the ranks' blocks meet inside pages,
+    # and ranks on other nodes only see whole closed writes on a network file system.
+    with open(temporary, "r+b") as cache_file:
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(start, end)),
+                                             batch_size=args.cache_batch_size, num_workers=args.workers)
+        offset = start
+        for images, _ in tqdm(loader, desc=f"encoding latents (rank 0 of {world_size})", disable=rank != 0,
+                              dynamic_ncols=True):
+            images = images.to(device)
+            with autocast(device):
+                z = tokenizer.encode(torch.cat((images, images.flip(-1)))).float()   # (2n, C, h, w)
+            pairs = torch.stack(z.chunk(2), dim=1).cpu().numpy().astype(args.cache_dtype)  # (n, 2, C, h, w)
+            if not np.isfinite(pairs).all():
+                raise SystemExit(f"error: the tokenizer gave non-finite latents (or they overflow {args.cache_dtype}; "
+                                 f"try --cache-dtype float32); check --tokenizer {args.tokenizer}")
+            cache_file.seek(data_offset + offset * row_bytes)
+            cache_file.write(np.ascontiguousarray(pairs).data)
+            offset += len(pairs)
+    open(done_marks[rank], "w").close()
+    # The ranks' blocks differ by at most one image, but encoding times still vary; the waits
+    # go through the file system (wait_for_files), which no process-group timeout cuts short.
     if rank == 0:
-        merge_parts(part_paths, path, shape, args.cache_dtype)
+        wait_for_files(done_marks, "latent cache parts")
+        os.replace(temporary, path)
         header = dict(fingerprint=fingerprint, shape=list(shape), tokenizer_path=os.path.abspath(args.tokenizer),
                       data_path=args.data if args.data == "synthetic" else os.path.abspath(args.data),
                       layout="(N, 2, C, h, w): [:, 0] image i, [:, 1] its horizontal flip; raw z, not normalised")
-        with atomic_path(path.removesuffix(".npy") + ".json") as temporary, open(temporary, "w") as f:
+        with atomic_path(header_path) as temporary_header, open(temporary_header, "w") as f:
             json.dump(header, f, indent=1)
+        for mark in done_marks:
+            os.remove(mark)
         print(f"latent cache: wrote {path}")
-    barrier(world_size)
+    else:
+        wait_for_files([header_path], "latent cache header")
     return path, key
 
 

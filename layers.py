@@ -147,3 +147,13 @@ def load_state_dict_strict(model, state, source):
                            + ". Check that the file and the model name/overrides belong together.")
     model.load_state_dict(state, strict=True)
 
+
+
+def hash_weights(digest, named_tensors):
+    """Feeds (name, tensor) pairs into a hashlib digest: name, shape, dtype and the raw
+    bytes, so that a file keyed by the digest changes whenever a weight does. Keys the
+    latent cache (latents.py) and the sample shards (sample.py) to the weights that made them."""
+    for name, tensor in named_tensors:
+        digest.update(f"{name} {tuple(tensor.shape)} {tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest

@@ -2,7 +2,8 @@ r"""
 Samples a trained LightningDiT and decodes the samples with its AlignTok tokenizer.
 
 Class-balanced sample batch for FID (ADM's npz layout: arr_0 uint8 (N, H, W, 3) images,
-arr_1 int64 labels), sharded over torchrun ranks and resumable shard by shard:
+arr_1 int64 labels; plus `settings`, the JSON of what the samples came from), sharded over
+torchrun ranks and resumable shard by shard:
 
     torchrun --nproc_per_node=8 sample.py --ckpt runs/in1k/dit-xl/checkpoint.pt \
         --num-samples 50000 --steps 250 --cfg-scale 1.5 --cfg-interval 0.1 --out samples.npz
@@ -12,19 +13,26 @@ A PNG grid of chosen classes, one row per class (as DiT's sample.py):
     python sample.py --ckpt runs/demo/dit/checkpoint.pt --grid grid.png --classes 0 3 7 --per-class 8
 
 Sample i is drawn from noise seeded by (--seed, i) alone and has label i mod num_classes,
-so any number of ranks, any batch size and any interruption give the same images.
+so any number of ranks, any batch size and any interruption give the same images. The
+shards are keyed to the DiT and tokenizer weights (content hashes) and the sampling flags:
+a changed checkpoint or flag is refused instead of reusing stale shards.
 """
 import argparse
+import hashlib
 import json
 import math
 import os
+import zipfile
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 import dit
+from layers import hash_weights
 from tokenizer import load_tokenizer
-from training import barrier, cleanup_distributed, save_grid, save_json, save_npz, setup_distributed
+from training import (atomic_path, cleanup_distributed, save_grid, save_json, save_npz, setup_distributed,
+                      wait_for_files)
 
 
 #################################################################################
@@ -40,8 +48,14 @@ def sample_noise(seed, indices, shape):
 
 def to_uint8(images):
     """Float (N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3) numpy, rounded as DiT's sampler."""
-    images = torch.clamp(127.5 * images + 128.0, 0, 255).to(torch.uint8)
+    images = torch.clamp(127.5 * images.float() + 128.0, 0, 255).to(torch.uint8)
     return images.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def set_precision(precision):
+    """TF32 on CUDA exactly when asked for: fp32 and bf16 keep float32 matmuls and
+    convolutions exact (bf16 autocasts only what autocast covers, see sample_images)."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
 
 
 @torch.no_grad()
@@ -53,10 +67,12 @@ def sample_images(model, tok, indices, args, device, labels=None):
     if labels is None:
         labels = torch.tensor([i % config["num_classes"] for i in indices])
     noise = sample_noise(args.seed, indices, shape).to(device)                # (n, C, h, w)
-    x = dit.sample(model, noise, labels.to(device), steps=args.steps, method=args.method,
-                   cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval, shift=args.shift,
-                   cfg_channels=args.cfg_channels)
-    return tok.decode(tok.denormalize(x)), labels
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+        x = dit.sample(model, noise, labels.to(device), steps=args.steps, method=args.method,
+                       cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval, shift=args.shift,
+                       cfg_channels=args.cfg_channels)
+        images = tok.decode(tok.denormalize(x))
+    return images.float(), labels
 
 
 #################################################################################
@@ -67,56 +83,93 @@ def shard_folder(out):
     return os.path.splitext(out)[0] + "_shards"
 
 
-def check_shard_settings(folder, settings, rank, world_size):
-    """Shards are only reused when made with the same settings."""
+def weights_hash(model):
+    """sha256 of a model's config and of every weight it samples with."""
+    digest = hashlib.sha256(json.dumps(model.config, sort_keys=True, default=str).encode())
+    return hash_weights(digest, model.state_dict().items()).hexdigest()
+
+
+def sample_settings(model, checkpoint, tok, args):
+    """What the samples depend on: the weights actually used (content hashes of the DiT's EMA
+    and of the tokenizer, not their paths, since train_diffusion.py rewrites one checkpoint.pt
+    as it trains), the checkpoint's step, and every flag that changes an image. Not the batch
+    size or the number of ranks, which change at most the float rounding."""
+    return dict(dit=weights_hash(model), dit_step=checkpoint.get("step"), tokenizer=weights_hash(tok),
+                num=args.num, shard_size=args.shard_size, seed=args.seed, steps=args.steps, method=args.method,
+                cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval, shift=args.shift,
+                cfg_channels=args.cfg_channels, precision=args.precision)
+
+
+def plan_shards(folder, settings, shard_paths, rank, world_size):
+    """This rank's share of the missing shards. Rank 0 checks the folder's settings (shards
+    are only reused when made from the same weights with the same settings) and lists the
+    missing shards once for all ranks; they are dealt round-robin, so the ranks' work differs
+    by at most one shard on a fresh run and on a resumed one alike."""
     path = os.path.join(folder, "settings.json")
+    plan = [None, None]
     if rank == 0:
         os.makedirs(folder, exist_ok=True)
         if not os.path.isfile(path):
             save_json(path, settings)
-    barrier(world_size)
-    with open(path) as f:
-        saved = json.load(f)
+        with open(path) as f:
+            plan = [json.load(f), [s for s, p in enumerate(shard_paths) if not os.path.isfile(p)]]
+    if world_size > 1:
+        dist.broadcast_object_list(plan, src=0)
+    saved, missing = plan
     if saved != settings:
         changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
-        raise SystemExit(f"{folder} holds shards made with other settings ({', '.join(changed)}); "
-                         f"rerun with the same flags, or delete the folder to start over")
+        raise SystemExit(f"error: {folder} holds shards made with other weights or settings ({', '.join(changed)}); "
+                         f"rerun with the same checkpoint and flags, or delete the folder to start over")
+    return missing[rank::world_size]
 
 
-def load_npz(path):
-    with np.load(path) as f:
-        return {key: f[key] for key in f.files}
+def merge_shards(shard_paths, out, settings):
+    """Writes the npz (ADM's arr_0, arr_1, plus our settings as JSON) straight from the
+    shards into the zip, one shard in memory at a time: a 50K 256 px batch is 10 GB, and
+    loading every shard and concatenating them held it twice. Stored uncompressed, so
+    np.load, ADM's evaluator and evaluate.iter_npz_array all read it."""
+    labels = []
+    for path in shard_paths:
+        with np.load(path) as shard:
+            labels.append(shard["arr_1"])
+    with np.load(shard_paths[0]) as shard:
+        image_shape = shard["arr_0"].shape[1:]
+    labels = np.concatenate(labels)
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+              "shape": (len(labels), *image_shape)}
+    with atomic_path(out) as temporary:
+        with zipfile.ZipFile(temporary, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+            with archive.open("arr_0.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_1_0(f, header)
+                for path in shard_paths:
+                    with np.load(path) as shard:
+                        f.write(np.ascontiguousarray(shard["arr_0"]).data)
+            for name, array in (("arr_1", labels), ("settings", np.array(json.dumps(settings, sort_keys=True)))):
+                with archive.open(f"{name}.npy", "w") as f:
+                    np.lib.format.write_array(f, array)
 
 
-def write_sample_batch(model, tok, tok_path, args, rank, world_size, device):
-    """The class-balanced npz of --num-samples samples, made shard by shard."""
+def write_sample_batch(model, tok, settings, args, rank, world_size, device):
+    """The class-balanced npz of --num-samples samples, made shard by shard. Only a start-up
+    collective joins the ranks; rank 0 then waits for the others' shards on the file system
+    (wait_for_files), so no wait can time out however long a shard takes."""
     if rank == 0 and args.num % model.config["num_classes"]:
         print(f"--num-samples {args.num} is not a multiple of {model.config['num_classes']} classes: "
               f"class counts will differ by one")
-    settings = dict(ckpt=os.path.abspath(args.ckpt), tokenizer=os.path.abspath(tok_path), num=args.num,
-                    shard_size=args.shard_size, seed=args.seed, steps=args.steps, method=args.method,
-                    cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval, shift=args.shift,
-                    cfg_channels=args.cfg_channels)
     folder = shard_folder(args.out)
-    check_shard_settings(folder, settings, rank, world_size)
     num_shards = math.ceil(args.num / args.shard_size)
     shard_paths = [os.path.join(folder, f"shard_{s:06d}.npz") for s in range(num_shards)]
-    for s in range(rank, num_shards, world_size):
-        if os.path.isfile(shard_paths[s]):
-            continue
+    for s in plan_shards(folder, settings, shard_paths, rank, world_size):
         indices = list(range(s * args.shard_size, min((s + 1) * args.shard_size, args.num)))
         parts = [sample_images(model, tok, indices[b:b + args.batch_size], args, device)
                  for b in range(0, len(indices), args.batch_size)]
         save_npz(shard_paths[s], arr_0=np.concatenate([to_uint8(p[0]) for p in parts]),
                  arr_1=np.concatenate([p[1].numpy() for p in parts]))
         print(f"[rank {rank}] shard {s + 1}/{num_shards} done")
-    barrier(world_size)
     if rank == 0:
-        shards = [load_npz(p) for p in shard_paths]
-        save_npz(args.out, arr_0=np.concatenate([s["arr_0"] for s in shards]),
-                 arr_1=np.concatenate([s["arr_1"] for s in shards]))
+        wait_for_files(shard_paths, "sample shards")
+        merge_shards(shard_paths, args.out, settings)
         print(f"wrote {args.num} samples to {args.out} (shards kept in {folder})")
-    barrier(world_size)
 
 
 def write_grid(model, tok, args, device):
@@ -137,17 +190,19 @@ def write_grid(model, tok, args, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world_size, device = setup_distributed(args.device)
+    rank, world_size, device = setup_distributed(args.device, timeout=args.dist_timeout)
+    set_precision(args.precision)
     model, checkpoint = dit.load_dit(args.ckpt, use_ema=True)
     tok_path = args.tokenizer or checkpoint.get("args", {}).get("tokenizer")
     if not tok_path:
         raise SystemExit(f"{args.ckpt} names no tokenizer checkpoint; pass --tokenizer PATH")
-    model, tok = model.to(device), load_tokenizer(tok_path).to(device)
+    tok = load_tokenizer(tok_path)
     if args.grid:
         if rank == 0:
-            write_grid(model, tok, args, device)
+            write_grid(model.to(device), tok.to(device), args, device)
     else:
-        write_sample_batch(model, tok, tok_path, args, rank, world_size, device)
+        settings = sample_settings(model, checkpoint, tok, args)
+        write_sample_batch(model.to(device), tok.to(device), settings, args, rank, world_size, device)
     cleanup_distributed()
 
 
@@ -173,10 +228,20 @@ def parse_args(argv=None):
                         help="guide only the first N channels (3: released LightningDiT)")
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per resumable shard file")
     parser.add_argument("--batch-size", type=int, default=100, help="samples per network call")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "bf16"),
+                        help="sampling arithmetic: float32 with TF32 off, float32 with TF32 matmuls and "
+                             "convolutions on GPU, or bfloat16 autocast (our choice: fp32, the exact one; "
+                             "recorded with the samples)")
+    parser.add_argument("--dist-timeout", type=float, default=600,
+                        help="seconds a collective waits for the other ranks under torchrun; only the start-up "
+                             "joins the ranks, the shards are awaited on the file system (our choice: NCCL's 600)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if not (args.out or args.grid):
         parser.error("pass --out PATH for a sample batch npz or --grid PATH for a PNG grid")
+    if min(args.num, args.shard_size, args.batch_size, args.steps, args.per_class) < 1 or args.dist_timeout <= 0:
+        parser.error("--num-samples, --shard-size, --batch-size, --steps, --per-class and --dist-timeout "
+                     "must be positive")
     return args
 
 

@@ -24,12 +24,14 @@ train_diffusion.py <out>/checkpoint.pt
 latent cache <cache-dir>/latents-<key>.npy and latents-<key>.json
     (N, 2, C, h, w) raw latents of every image and its flip; the .json header holds the
     fingerprint whose hash is <key>, the shape and the source paths (see latents.py).
-sample.py <out>.npz (arr_0 uint8 images (N, H, W, 3), arr_1 int64 labels) and
-    <out>_shards/ with settings.json and shard_*.npz.
-evaluate.py stats <out>.npz: mu, sigma, mu_s, sigma_s, pool.
+sample.py <out>.npz (arr_0 uint8 images (N, H, W, 3), arr_1 int64 labels, settings: the
+    JSON of the weight hashes, step and flags they came from) and <out>_shards/ with
+    settings.json (the same JSON) and shard_*.npz.
+evaluate.py stats <out>.npz: mu, sigma, mu_s, sigma_s, pool, preprocess (the Inception input mode).
 metrics.jsonl: one JSON object per logging window (MetricsLog).
 """
 import contextlib
+import datetime
 import json
 import os
 import time
@@ -46,14 +48,16 @@ from layers import read_weights
 #                           torchrun / DistributedDataParallel                  #
 #################################################################################
 
-def setup_distributed(device=None):
+def setup_distributed(device=None, timeout=None):
     """(rank, world_size, device). Under torchrun, joins the process group (NCCL on GPU,
     gloo on CPU); under plain python, a single process. device "cpu" keeps a GPU machine
-    on the CPU; by default the GPU is used when there is one."""
+    on the CPU; by default the GPU is used when there is one. timeout: seconds a collective
+    may wait for the other ranks (None: torch's default, 10 minutes for NCCL)."""
     use_cuda = torch.cuda.is_available() and device != "cpu"
     rank, world_size, local_rank = 0, 1, 0
     if "RANK" in os.environ:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        dist.init_process_group("nccl" if use_cuda else "gloo",
+                                timeout=None if timeout is None else datetime.timedelta(seconds=timeout))
         rank, world_size = dist.get_rank(), dist.get_world_size()
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if use_cuda:
@@ -100,6 +104,19 @@ def all_finite(values, world_size):
     rank whose own loss is inf (with finite gradients) skips the step with the others."""
     finite = float(all(bool(torch.isfinite(torch.as_tensor(v)).all()) for v in values))
     return all_reduce_mean(finite, world_size) == 1
+
+
+def wait_for_files(paths, what, poll_s=2.0):
+    """Waits until every path exists: how a rank waits for the other ranks' work (sample
+    shards, latent cache parts). A barrier there would time out whenever the work is
+    uneven (NCCL kills the waiting ranks after 10 minutes); a file wait has no timeout, and
+    a rank that fails still ends the job, because torchrun then stops every rank."""
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        print(f"waiting for {len(missing)} {what} from the other ranks")
+    while missing:
+        time.sleep(poll_s)
+        missing = [p for p in missing if not os.path.exists(p)]
 
 
 #################################################################################

@@ -17,7 +17,7 @@ import evaluate
 from evaluate import (dinov2_features, frechet_distance, inception_score, iter_npz_array, linear_probe,
                       load_reference, main, precision_recall, psnr, ssim)
 from evaluate import feature_distance as fd_dinov2
-from inception import INCEPTION_URL, load_inception
+from inception import INCEPTION_URL, load_inception, resize_tf1_bilinear
 from training import save_npz
 
 
@@ -108,6 +108,69 @@ def test_inception_weight_file(inception, tmp_path):
     assert INCEPTION_URL in str(error.value) and "--inception-weights" in str(error.value)
 
 
+@pytest.mark.parametrize("size", [(32, 32), (256, 256), (64, 96), (400, 333), (299, 299)])
+def test_tf1_resize_matches_torch_fidelity(size):
+    """ADM's resize (the TF graph's) against torch-fidelity's port of TF1's bilinear kernel,
+    up and down; pytorch-fid's half-pixel resize is measurably different."""
+    from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (2, 3, *size)).float()
+    expected = interpolate_bilinear_2d_like_tensorflow1x(x, size=(299, 299), align_corners=False)
+    assert (resize_tf1_bilinear(x, (299, 299)) - expected).abs().max() < 1e-3
+    if size != (299, 299):
+        half_pixel = torch.nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        assert (half_pixel - expected).abs().max() > 1
+
+
+@pytest.fixture(scope="module")
+def torch_fidelity_inception(inception):
+    """torch-fidelity's uint8-input FID Inception (TF1 resize, (x - 128) / 128 inside) built
+    without downloading: its weight loader returns our random state dict."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fidelity
+    state = inception.state_dict()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fidelity, "load_state_dict_from_url", lambda *args, **kwargs: {k: v.clone() for k, v in state.items()})
+        return fidelity.FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"])
+
+
+@pytest.mark.parametrize("size", [(256, 256), (64, 96)])
+def test_adm_preprocessing_matches_torch_fidelity(inception, torch_fidelity_inception, size):
+    import copy
+    adm = copy.deepcopy(inception)
+    adm.preprocess_mode = "adm"
+    torch.manual_seed(2)
+    images = torch.randint(0, 256, (2, *size, 3), dtype=torch.uint8)             # as stored in an npz
+    with torch.no_grad():
+        pool, logits = torch_fidelity_inception(images.permute(0, 3, 1, 2))
+        ours = evaluate.extract(adm, [images], "cpu", keys=("pool", "logits_unbiased"))
+        other = evaluate.extract(inception, [images], "cpu", keys=("pool",))["pool"]
+    assert pool.std() > 0.05
+    assert rel_err(torch.from_numpy(ours["pool"]), pool) < 1e-4
+    assert rel_err(torch.from_numpy(ours["logits_unbiased"]), logits) < 1e-4
+    assert rel_err(torch.from_numpy(other), pool) > 1e-3                       # pytorch-fid's input is not ADM's
+
+
+def test_metrics_follow_the_reference_preprocessing(tmp_path):
+    rng = np.random.default_rng(0)
+    mu, sigma, pool = np.zeros(4), np.eye(4), rng.standard_normal((5, 4)).astype(np.float32)
+    images = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    layouts = {"adm_batch": (dict(arr_0=images, mu=mu, sigma=sigma, mu_s=mu, sigma_s=sigma), "adm"),
+               "adm_images_only": (dict(arr_0=images), "adm"),
+               "adm_statistics_only": (dict(mu=mu, sigma=sigma, mu_s=mu, sigma_s=sigma), "adm"),
+               "pytorch_fid": (dict(mu=mu, sigma=sigma), "pytorch-fid"),
+               "ours_before_the_key": (dict(mu=mu, sigma=sigma, mu_s=mu, sigma_s=sigma, pool=pool), "pytorch-fid"),
+               "ours_adm": (dict(mu=mu, sigma=sigma, pool=pool, preprocess=np.array("adm")), "adm")}
+    for name, (arrays, expected) in layouts.items():
+        path = str(tmp_path / f"{name}.npz")
+        save_npz(path, **arrays)
+        assert evaluate.reference_preprocess(path) == expected, name
+    samples = str(tmp_path / "samples.npz")
+    save_npz(samples, arr_0=images, arr_1=np.arange(3))
+    with pytest.raises(SystemExit, match="--preprocess adm"):
+        main(["metrics", "--samples", samples, "--ref", str(tmp_path / "ours_adm.npz"), "--preprocess", "pytorch-fid",
+              "--device", "cpu"])
+
+
 #################################################################################
 #                                    Metrics                                    #
 #################################################################################
@@ -162,12 +225,43 @@ def test_inception_score_known_answers():
     # Two samples, p(y|x) = (0.9, 0.1) and (0.1, 0.9): p(y) is uniform.
     logits = np.log([[0.9, 0.1], [0.1, 0.9]])
     kl = 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)
-    assert inception_score(logits, splits=1)[0] == pytest.approx(math.exp(kl), rel=1e-12)
-    # Confident and balanced over 10 classes in each of 2 splits: IS = 10, std 0.
+    assert inception_score(logits)[0] == pytest.approx(math.exp(kl), rel=1e-12)
+    # Confident and balanced over 10 classes in each of 2 chunks: IS = 10, std 0.
     confident = np.eye(10)[np.arange(20) % 10] * 100.0
-    mean, std = inception_score(confident, splits=2)
+    mean, std = inception_score(confident, split_size=10)
     assert mean == pytest.approx(10, rel=1e-9) and std == pytest.approx(0, abs=1e-9)
-    assert inception_score(np.zeros((20, 10)), splits=2)[0] == pytest.approx(1, rel=1e-12)
+    assert inception_score(np.zeros((20, 10)), split_size=10)[0] == pytest.approx(1, rel=1e-12)
+
+
+def adm_inception_score(logits, split_size=5000):
+    """ADM's evaluator (compute_inception_score) in plain numpy: float32 softmax, consecutive
+    chunks of split_size, the last partial chunk included, the mean over chunks."""
+    logits = logits.astype(np.float32)
+    preds = np.exp(logits - logits.max(1, keepdims=True))
+    preds /= preds.sum(1, keepdims=True)
+    scores = []
+    for i in range(0, len(preds), split_size):
+        part = preds[i:i + split_size]
+        kl = part * (np.log(part) - np.log(np.expand_dims(np.mean(part, 0), 0)))
+        scores.append(np.exp(np.mean(np.sum(kl, 1))))
+    return float(np.mean(scores))
+
+
+@pytest.mark.parametrize("n, expected", [(50000, 5.0), (10000, 5.0), (12000, 4.0)])
+def test_inception_score_uses_adm_chunks_of_5000(n, expected):
+    # Confident predictions whose class changes every 1000 samples (10 classes in turn):
+    # a chunk of 5000 sees 5 classes equally often (IS 5); ten equal splits of 10K would
+    # see one class each (IS 1); at 12K the last partial chunk of 2000 sees 2 classes
+    # (IS 2), and ADM keeps it: (5 + 5 + 2) / 3 = 4.
+    logits = np.eye(10, dtype=np.float32)[(np.arange(n) // 1000) % 10] * 50.0
+    mean, _ = inception_score(logits)
+    assert mean == pytest.approx(expected, rel=1e-6)
+    assert mean == pytest.approx(adm_inception_score(logits), rel=1e-5)
+
+
+def test_inception_score_matches_adm_on_random_logits():
+    logits = np.random.default_rng(0).standard_normal((12345, 20)) * 3
+    assert inception_score(logits)[0] == pytest.approx(adm_inception_score(logits), rel=1e-5)
 
 
 def adm_precision_recall(ref, sam, k=3):
@@ -193,7 +287,24 @@ def test_precision_recall_known_answers():
     sam = (rng.standard_normal((50, 8)) * 1.3 + 0.4).astype(np.float32)
     expected = adm_precision_recall(ref.astype(np.float64), sam.astype(np.float64))
     assert 0 < expected[0] < 1 and 0 < expected[1] < 1
-    assert precision_recall(ref, sam, batch_size=7) == pytest.approx(expected, abs=1e-9)
+    assert precision_recall(ref, sam, batch_size=7, fp16=False) == pytest.approx(expected, abs=1e-9)
+
+
+def test_precision_recall_distances_in_float16_as_adm():
+    # References on a line at 0, 1, 2, 3 (k = 3: the ball of 0 has squared radius 9) and a
+    # sample at -3.0005, whose squared distance to 0 is 9.003 in float32, but in float16 the
+    # sample rounds to -3 and lies on the ball's edge, inside: ADM counts it (float16
+    # distances), float32 does not. The other samples are far from everything.
+    ref = np.zeros((4, 2), dtype=np.float32)
+    ref[:, 0] = [0, 1, 2, 3]
+    sam = np.zeros((4, 2), dtype=np.float32)
+    sam[:, 0] = [-3.0005, 100, 101, 102]
+    assert precision_recall(ref, sam)[0] == 0.25
+    assert precision_recall(ref, sam, fp16=False)[0] == 0.0
+    # Squared distances beyond float16's range (65504) are computed again in float32, so
+    # the answers are float32's, not those of infinite distances.
+    big_ref, big_sam = ref * 1000, sam * 1000
+    assert precision_recall(big_ref, big_sam) == precision_recall(big_ref, big_sam, fp16=False) == (0.0, 1.0)
 
 
 def test_ssim_and_psnr_match_scikit_image():
@@ -288,6 +399,7 @@ def test_stats_and_metrics_end_to_end(inception, tmp_path, monkeypatch, capsys):
         stats = {k: f[k] for k in f.files}
     assert stats["pool"].shape == (8, 2048) and stats["sigma"].shape == (2048, 2048)
     assert stats["mu_s"].shape == (2023,) and stats["sigma_s"].shape == (2023, 2023)
+    assert str(stats["preprocess"]) == "pytorch-fid"                   # stats records its Inception input
     images, labels = synthetic_uint8(8)
     with torch.no_grad():
         direct = inception(torch.from_numpy(images[:2]).permute(0, 3, 1, 2).float() / 255)
@@ -306,6 +418,7 @@ def test_stats_and_metrics_end_to_end(inception, tmp_path, monkeypatch, capsys):
     with open(out) as f:
         results = json.load(f)
     assert results["fid"] == 1.0 and results["sfid"] == 2.0 and results["num_samples"] == 8
+    assert results["preprocess"] == "pytorch-fid"
     assert results["precision"] == 1.0 and results["recall"] == 1.0
     assert 1.0 <= results["inception_score"] < 1008
     (mu1, s1, mu2, s2), (mu1_s, s1_s, mu2_s, s2_s) = calls
@@ -323,6 +436,7 @@ def test_stats_and_metrics_end_to_end(inception, tmp_path, monkeypatch, capsys):
     assert np.array_equal(calls[0][2], stats["mu"] + 1) and np.array_equal(calls[1][2], stats["mu_s"])
     printed = json.loads(capsys.readouterr().out.split("\n", 1)[1])     # after "computing reference ..."
     assert printed["precision"] == 1.0 and printed["recall"] == 1.0
+    assert printed["preprocess"] == "adm"                               # ADM's statistics: ADM's input
 
     with pytest.raises(SystemExit):
         main(["metrics", "--samples", samples, "--ref", ref, "--device", "cpu"])

@@ -1,5 +1,6 @@
 """Tests for sample.py: class-balanced, seeded, sharded and resumable sample batches, and
 the PNG grid of chosen classes. Tiny random models on CPU."""
+import json
 import os
 
 import numpy as np
@@ -70,6 +71,82 @@ def test_sample_end_to_end(tmp_path, monkeypatch):
         assert np.array_equal(f["arr_0"], images)
     with pytest.raises(SystemExit, match="seed"):
         sample.main([a if a != "5" else "6" for a in args])
+    with np.load(out) as f:                          # what the samples came from travels with them
+        recorded = json.loads(str(f["settings"]))
+    assert recorded["precision"] == "fp32" and recorded["seed"] == 5 and len(recorded["dit"]) == 64
+
+
+def test_shards_are_keyed_to_the_weights_not_the_path(tmp_path):
+    """train_diffusion.py rewrites one checkpoint.pt as it trains: sampling again after
+    training continued must not return the old samples."""
+    _, _, tok_path, dit_path = tiny_checkpoints(tmp_path)
+    out = str(tmp_path / "samples.npz")
+    args = ["--ckpt", dit_path, "--num", "4", "--out", out, "--steps", "1", "--shard-size", "2", "--device", "cpu"]
+    sample.main(args)
+    checkpoint = torch.load(dit_path, weights_only=True)
+    checkpoint["ema"]["y_embedder.embedding_table.weight"] += 1e-3    # training went on
+    checkpoint["step"] = 10
+    torch.save(checkpoint, dit_path)
+    with pytest.raises(SystemExit, match=r"\(dit, dit_step\)"):
+        sample.main(args)
+    checkpoint["step"] = None                        # the same step number: the weights alone tell
+    torch.save(checkpoint, dit_path)
+    with pytest.raises(SystemExit, match=r"\(dit\)"):
+        sample.main(args)
+    tok = torch.load(tok_path, weights_only=True)
+    tok["ema"]["latent_std"] = tok["ema"]["latent_std"] * 2
+    torch.save(tok, tok_path)
+    with pytest.raises(SystemExit, match="tokenizer"):
+        sample.main(args)
+    for flag, value in (("--precision", "bf16"), ("--cfg-scale", "2"), ("--method", "heun")):
+        with pytest.raises(SystemExit, match=flag[2:].replace("-", "_")):
+            sample.main(args + [flag, value])
+
+
+def test_sampling_precision_is_chosen_and_recorded(tmp_path):
+    _, _, _, dit_path = tiny_checkpoints(tmp_path)
+    results = {}
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        for precision in ("fp32", "tf32", "bf16"):
+            out = str(tmp_path / f"{precision}.npz")
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "tf32"
+            sample.main(["--ckpt", dit_path, "--num", "6", "--out", out, "--steps", "2", "--device", "cpu",
+                         "--precision", precision])
+            assert torch.backends.cuda.matmul.allow_tf32 == torch.backends.cudnn.allow_tf32 == (precision == "tf32")
+            with np.load(out) as f:
+                results[precision] = f["arr_0"].astype(int)
+                assert json.loads(str(f["settings"]))["precision"] == precision
+            with open(os.path.join(sample.shard_folder(out), "settings.json")) as f:
+                assert json.load(f)["precision"] == precision
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+    assert np.array_equal(results["fp32"], results["tf32"])          # TF32 is a CUDA mode: no change on CPU
+    difference = np.abs(results["bf16"] - results["fp32"])
+    assert difference.max() > 0 and difference.mean() < 8              # bfloat16 arithmetic, same images
+
+
+def test_merge_holds_one_shard_in_memory(tmp_path):
+    import tracemalloc
+    rng = np.random.default_rng(0)
+    shards = []
+    for s in range(6):                              # 6 shards of 1.2 MB
+        path = str(tmp_path / f"shard_{s}.npz")
+        np.savez(path, arr_0=rng.integers(0, 256, (100, 64, 64, 3), dtype=np.uint8), arr_1=np.arange(100) + s)
+        shards.append(path)
+    out = str(tmp_path / "samples.npz")
+    tracemalloc.start()
+    sample.merge_shards(shards, out, {"seed": 0})
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 3 * 100 * 64 * 64 * 3                 # the batch is 6 shards; at most a few in memory
+    expected = [np.load(p) for p in shards]
+    with np.load(out) as f:
+        assert np.array_equal(f["arr_0"], np.concatenate([e["arr_0"] for e in expected]))
+        assert np.array_equal(f["arr_1"], np.concatenate([e["arr_1"] for e in expected]))
+        assert json.loads(str(f["settings"])) == {"seed": 0}
+    from evaluate import iter_npz_array
+    assert np.array_equal(np.concatenate(list(iter_npz_array(out, "arr_0", 64))), np.load(out)["arr_0"])
 
 
 def test_grid_of_chosen_classes(tmp_path):
@@ -83,3 +160,61 @@ def test_grid_of_chosen_classes(tmp_path):
     assert pixels.std() > 1
     with pytest.raises(SystemExit, match="--classes"):
         sample.main(["--ckpt", dit_path, "--grid", grid, "--classes", "3", "--device", "cpu"])
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def torchrun_slowly(tmp_path, module, call, seconds, args, port):
+    """Runs `module.call` under torchrun with 2 gloo ranks, each network call first sleeping
+    `seconds` (a shard longer than the process-group timeout); returns the finished process."""
+    import subprocess
+    import sys
+    script = tmp_path / f"slow_{module}.py"
+    script.write_text(f"import sys, time\nsys.path.insert(0, {ROOT!r})\nimport {module}\n"
+                      f"original = {module}.{call}\n"
+                      f"def slow(*args, **kwargs):\n    time.sleep({seconds})\n    return original(*args, **kwargs)\n"
+                      f"{module}.{call} = slow\n{module}.main(sys.argv[1:])\n")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+               str(script), *args]
+    return subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          cwd=ROOT, timeout=300)
+
+
+def test_two_ranks_with_uneven_shards_outlast_a_short_timeout_then_metrics(tmp_path, monkeypatch):
+    """3 shards over 2 gloo ranks: rank 0 samples two, rank 1 one, and every shard takes
+    longer than the 4 s process-group timeout. A barrier at the end killed the idle rank;
+    the file wait does not. The batch is then measured against an ADM-layout reference."""
+    import evaluate
+    from inception import load_inception
+    _, _, _, dit_path = tiny_checkpoints(tmp_path)
+    out = str(tmp_path / "samples.npz")
+    flags = ["--ckpt", dit_path, "--num-samples", "5", "--shard-size", "2", "--steps", "1", "--device", "cpu"]
+    result = torchrun_slowly(tmp_path, "sample", "sample_images", 6, [*flags, "--out", out, "--dist-timeout", "4"],
+                             29541)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single = str(tmp_path / "single.npz")
+    sample.main([*flags, "--out", single])                       # the same images from one process
+    with np.load(out) as f, np.load(single) as g:
+        assert f["arr_0"].shape == (5, 32, 32, 3) and f["arr_1"].tolist() == [0, 1, 2, 0, 1]
+        assert np.array_equal(f["arr_0"], g["arr_0"])
+
+    # ADM's reference batch layout: arr_0 images and ADM's statistics, no pool features.
+    torch.manual_seed(0)
+    weights = str(tmp_path / "inception.pth")
+    torch.save(load_inception().state_dict(), weights)
+    rng = np.random.default_rng(0)
+    ref = str(tmp_path / "VIRTUAL_ref.npz")
+    np.savez(ref, arr_0=rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8), mu=np.zeros(2048),
+             sigma=np.eye(2048), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+    calls = []                                   # sqrtm of 2048-d covariances is slow: record the calls
+    monkeypatch.setattr(evaluate, "frechet_distance", lambda *s: calls.append(s) or float(len(calls)))
+    metrics = str(tmp_path / "metrics.json")
+    evaluate.main(["metrics", "--samples", out, "--ref", ref, "--inception-weights", weights, "--batch-size", "4",
+                   "--device", "cpu", "--out", metrics])
+    with open(metrics) as f:
+        results = json.load(f)
+    assert results["num_samples"] == 5 and results["fid"] == 1.0 and results["sfid"] == 2.0
+    assert results["preprocess"] == "adm"
+    assert 0 <= results["precision"] <= 1 and 0 <= results["recall"] <= 1 and results["inception_score"] >= 1
+    assert np.array_equal(calls[0][2], np.zeros(2048)) and calls[0][0].shape == (2048,)

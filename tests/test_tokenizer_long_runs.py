@@ -13,7 +13,7 @@ from data import build_dataset
 from losses import PatchDiscriminator, adaptive_weight, generator_loss
 from tokenizer import AlignTok, encoder_input
 from training import clip_gradients
-from test_tokenizer import TINY, TINY_ENCODER, TINY_TOKENIZER, assert_same, metrics, part, run_stage
+from test_tokenizer import TINY_ENCODER, TINY_TOKENIZER, metrics, part, run_stage
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 GAN = ["--disc-weight", "0.5", "--disc-start", "1", "--disc-layers", "2"]
