@@ -94,7 +94,8 @@ def main(args):
     latents = LatentPairs(cache_path, dataset.targets)
     latent_shape = (tokenizer.latent_mean.numel(),) + tuple(tokenizer.grid_size)   # (C, h, w)
     if rank == 0 and bool((tokenizer.latent_mean == 0).all() and (tokenizer.latent_std == 1).all()):
-        print("note: the tokenizer holds no latent statistics (mean 0, std 1; a stage-1 checkpoint?), "
+        print("note: the tokenizer holds no latent statistics (mean 0, std 1: a checkpoint saved before its "
+              "stage ended?), "
               "so the DiT trains on raw latents")
 
     # ---- model -------------------------------------------------------------------

@@ -392,8 +392,8 @@ def main(args):
             write_checkpoint()
     progress.close()
 
-    # ---- latent statistics (after stages 2 and 3) and the final checkpoint ---------
-    if args.stage in (2, 3):
+    # ---- latent statistics (every tokenizer stage) and the final checkpoint --------
+    if args.stage > 0:
         # Under fork_rng: the checkpoint must hold the training RNG, so that extending the
         # run with --resume --steps continues exactly as one longer run would.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

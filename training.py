@@ -13,7 +13,7 @@ train_tokenizer.py <out>/checkpoint.pt
     stage 0:    stand_in_config           EncoderClassifier(**stand_in_config)
     stages 1-3: tokenizer_config          AlignTok(**tokenizer_config); the latent statistics
                                           are the buffers latent_mean / latent_std (set after
-                                          stages 2 and 3; mean 0, std 1 before)
+                                          the end of each stage; mean 0, std 1 before)
     with the GAN: discriminator, disc_optimizer, disc_config
     read by: load_tokenizer and load_stand_in (tokenizer.py), train_tokenizer.py --init
     and --resume.
@@ -42,6 +42,7 @@ import torch.distributed as dist
 from torchvision.utils import save_image
 
 from layers import read_weights
+from plot import training_curves
 
 
 #################################################################################
@@ -266,7 +267,8 @@ def trim_metrics(path, step):
 
 class MetricsLog:
     """Named values of each step, averaged over a logging window and over the ranks, and
-    appended to metrics.jsonl as one JSON line per window by rank 0. Values stay tensors on
+    appended to metrics.jsonl as one JSON line per window by rank 0, which also redraws the
+    run folder's curves.png from it. Values stay tensors on
     their device until the window is written, so logging never synchronises a GPU step.
     sec_per_step divides the window's time by its own number of steps (a shorter last window
     included). A name seen before but with no value in this window is logged as None."""
@@ -301,6 +303,8 @@ class MetricsLog:
         if self.rank == 0:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            # A picture a student can watch while the run goes on.
+            training_curves(self.path, os.path.join(os.path.dirname(self.path), "curves.png"))
         self.sums, self.counts, self.steps, self.start = {}, {}, 0, time.time()
         return record
 

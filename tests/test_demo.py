@@ -2,10 +2,17 @@
 and the run folder gets its checkpoints, pictures and metrics."""
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 
 from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The README's walk-through of one ablation by hand, scaled like the tiny demo above.
+WALK_THROUGH = {"train_tokenizer.py": "--steps 2 --num-images 200", "train_diffusion.py": "--steps 2 --num-images 200",
+                "sample.py": "--num-samples 20", "evaluate.py": "--num-images 40"}
 
 
 def test_demo_pipeline_end_to_end(tmp_path):
@@ -28,3 +35,49 @@ def test_demo_pipeline_end_to_end(tmp_path):
         assert recon.size[1] == 2 * 32 + 3 * 2
         assert samples.size[1] == 10 * 32 + 11 * 2
     assert "demo finished" in result.stdout
+
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    block = re.search(r"One ablation by hand.*?```bash\n(.*?)```", readme, re.S).group(1).replace("\\\n", " ")
+    commands = [line.strip() for line in block.splitlines() if line.strip()]
+    assert len(commands) == 5
+    for command in commands:
+        words = shlex.split(command.replace("runs/demo", str(run)))
+        assert words[0] == "python"
+        argv = [sys.executable] + words[1:] + WALK_THROUGH[words[1]].split()
+        step = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=ROOT)
+        assert step.returncode == 0, command + "\n" + step.stderr[-3000:]
+    nosp = json.loads((run / "metrics-nosp.json").read_text())
+    assert nosp.keys() == metrics.keys() and (run / "stage2-nosp" / "curves.png").is_file()
+
+
+def normalised_commands(text, variables):
+    """The python command lines of a bash text, with continuations joined, comments
+    dropped and the given variables expanded, as lists of words."""
+    text = text.replace("\\\n", " ")
+    for name, value in variables.items():
+        text = text.replace(name, value)
+    commands = []
+    for line in text.splitlines():
+        line = re.sub(r"\s#.*$", "", line).strip()
+        if line.startswith("python "):
+            commands.append(shlex.split(line))
+    return commands
+
+
+def test_readme_demo_block_is_run_demo_sh():
+    """The README's demo commands are run_demo.sh's, word for word once run_demo.sh's
+    variables take their defaults: the rehearsal above then covers both."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    with open(os.path.join(ROOT, "run_demo.sh")) as f:
+        script = f.read()
+    block = re.search(r"## What the demo does.*?```bash\n(.*?)```", readme, re.S).group(1)
+    settings = dict(re.findall(r'^(ENCODER|DECODER|COMMON)="(.*)"$', block, re.M))
+    assert settings == dict(re.findall(r'^(ENCODER|DECODER|COMMON)="(.*)"$', script.replace(
+        "${DEMO_IMAGES:-10000}", "10000"), re.M))
+    expand = {f"${name}": value for name, value in settings.items()}
+    from_script = normalised_commands(re.sub(r'"\$\(steps (\d+)\)"', r"\1", script), {
+        '"$RUN': '"runs/demo', "${DEMO_IMAGES:-10000}": "10000", "${DEMO_SAMPLES:-500}": "500",
+        "${DEMO_EVAL_IMAGES:-1000}": "1000", **expand})
+    assert normalised_commands(block, expand) == from_script and len(from_script) == 7

@@ -6,10 +6,11 @@ import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = [
-    {"layers", "training", "data", "latents"},
+    {"layers", "training", "data", "latents", "plot"},
     {"tokenizer", "dit", "losses", "inception"},
     {"sample", "bench"},
     {"train_tokenizer", "train_diffusion", "evaluate"},
+    {"ablations"},
 ]
 
 

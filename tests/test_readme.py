@@ -29,7 +29,7 @@ OVERRIDES = {   # by script (and evaluate.py's command)
     "train_tokenizer.py --stage 3": STAGE_1[:STAGE_1.index("--latent-channels")],
     "train_diffusion.py": "--steps 3 --batch-size 2 --workers 0 --depth 1 --hidden-size 32 --num-heads 2 "
                           "--log-every 1 --sample-steps 2 --cache-batch-size 8 --compile-backend aot_eager",
-    "sample.py": "--num-samples 10 --steps 2 --batch-size 2 --shard-size 3 --device cpu",
+    "sample.py": "--num-samples 10 --steps 2 --batch-size 2 --shard-size 4 --device cpu",   # 3 shards, 2 ranks
     "evaluate.py metrics": "--batch-size 5 --device cpu",
     "evaluate.py recon": "--batch-size 5 --workers 0 --device cpu --num-images 8",
 }

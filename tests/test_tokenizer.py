@@ -11,7 +11,8 @@ from tokenizer import AlignTok, Decoder, load_stand_in, load_tokenizer
 
 TINY_ENCODER = ["--encoder-depth", "1", "--encoder-dim", "32", "--encoder-heads", "2", "--encoder-patch", "4",
                 "--encoder-native-size", "16"]
-TINY = ["--perceptual-weight", "0", "--disc-weight", "0", "--image-size", "16", "--encoder-size", "16", "--num-images", "64", "--batch-size", "8",
+TINY = ["--perceptual-weight", "0", "--disc-weight", "0", "--image-size", "16", "--encoder-size", "16",
+        "--num-images", "64", "--batch-size", "8",
         "--log-every", "1", "--sample-every", "2", "--stats-images", "32", "--lr", "1e-3", "--encoder-lr", "1e-3"]
 TINY_TOKENIZER = ["--latent-channels", "4", "--decoder-width", "16", "--decoder-multipliers", "1", "2", "2",
                   "--decoder-res-blocks", "0"]
@@ -190,7 +191,8 @@ def test_gan_lpips_and_preservation_ablations_run_through_the_script(stages, tmp
     torch.save(vgg, tmp_path / "vgg16.pth")
     torch.save(heads, tmp_path / "lpips_vgg.pth")
     init = str(root / "s1" / "checkpoint.pt")
-    run_stage(2, tmp_path / "gan", "--init", init, "--perceptual-weight", "1", "--disc-weight", "0.5", "--disc-start", "1", "--disc-layers", "2", "--sp-loss", "cosine", "--sp-placement",
+    run_stage(2, tmp_path / "gan", "--init", init, "--perceptual-weight", "1", "--disc-weight", "0.5", "--disc-start",
+              "1", "--disc-layers", "2", "--sp-loss", "cosine", "--sp-placement",
               "features", "--vgg-weights", str(tmp_path / "vgg16.pth"), "--lpips-weights",
               str(tmp_path / "lpips_vgg.pth"), steps=3)
     records = metrics(tmp_path / "gan")

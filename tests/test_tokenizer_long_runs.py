@@ -205,7 +205,8 @@ def test_tokenizer_ema_moves_with_its_decay(stand_in, tmp_path):
 
 def test_latent_statistics_are_the_unbiased_ones_of_the_seeded_subset(stand_in, tmp_path):
     root, stage1 = stand_in
-    run_stage(1, tmp_path / "s1", *stage1, steps=1)
+    first = run_stage(1, tmp_path / "s1", *stage1, steps=1)
+    assert not torch.equal(first["ema"]["latent_std"], torch.ones_like(first["ema"]["latent_std"]))  # stage 1 too
     checkpoint = run_stage(2, tmp_path / "s2", "--init", str(tmp_path / "s1" / "checkpoint.pt"), steps=1)
     tokenizer = AlignTok(**checkpoint["tokenizer_config"])
     tokenizer.load_state_dict(checkpoint["ema"])

@@ -1,0 +1,44 @@
+"""plot.py: ticks, the data-to-pixel mapping (a point lands where its value says), bands,
+and a run folder's curves.png drawn from its metrics.jsonl."""
+import json
+
+import numpy as np
+from PIL import Image
+
+import plot
+
+
+def test_nice_ticks_cover_the_range_with_round_steps():
+    assert plot.nice_ticks(0, 0.87) == [0, 0.2, 0.4, 0.6000000000000001, 0.8, 1.0]
+    ticks = plot.nice_ticks(16.2, 17.3)
+    assert ticks[0] <= 16.2 and ticks[-1] >= 17.3 and len(ticks) <= 7
+    assert plot.nice_ticks(3, 3)[0] <= 3 <= plot.nice_ticks(3, 3)[-1]
+
+
+def test_points_land_where_their_values_say(tmp_path):
+    # y = 0 on the left half, y = 1 on the right: the low half must be drawn near the bottom
+    # of the axes, the high half near the top, in the series colour.
+    red = (214, 39, 40)
+    panel = dict(title="t", xlabel="x", ylabel="y",
+                 series=[dict(label="s", x=[0, 5, 5.001, 10], y=[0, 0, 1, 1], color=red,
+                              low=[-0.1, -0.1, 0.9, 0.9], high=[0.1, 0.1, 1.1, 1.1])])
+    path = tmp_path / "p.png"
+    plot.draw_panels([panel], str(path))
+    pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    is_red = (np.abs(pixels - red).sum(-1) < 30)
+    ys, xs = np.nonzero(is_red)
+    middle = (plot.MARGIN_L + plot.PANEL_W - plot.MARGIN_R) / 2
+    left, right = ys[xs < middle - 20], ys[xs > middle + 20]
+    assert left.size and right.size and left.mean() > right.mean() + 100     # y grows upwards
+    band = (np.abs(pixels - (245, 201, 201)).sum(-1) < 30)                     # the light band colour
+    assert band.sum() > 100
+
+
+def test_run_curves_from_metrics(tmp_path):
+    records = [dict(step=s, loss=1 / s, psnr=10 + s, grad_norm=0.5, skipped=int(s > 2)) for s in (1, 2, 3, 4)]
+    records[2]["loss"] = None                                                  # a skipped window
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    plot.training_curves(str(tmp_path / "metrics.jsonl"), str(tmp_path / "curves.png"))
+    with Image.open(tmp_path / "curves.png") as image:
+        assert image.size == (2 * plot.PANEL_W, 2 * plot.PANEL_H)            # loss, psnr, grad norm, skipped
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "metrics.jsonl"]
