@@ -8,13 +8,14 @@ unchanged one is reused across runs.
 import hashlib
 import json
 import os
+import shutil
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from layers import hash_weights
-from training import atomic_path, autocast, barrier, wait_for_files
+from training import atomic_path, autocast, barrier, lock_folder, wait_for_files
 
 
 def tokenizer_fingerprint(tokenizer):
@@ -106,11 +107,20 @@ def cache_latents(tokenizer, dataset, args, rank, world_size, device, expected_k
     done_marks = [f"{temporary}.rank{r}of{world_size}.done" for r in range(world_size)]
     header_path = path.removesuffix(".npy") + ".json"
     if rank == 0:
-        os.makedirs(folder, exist_ok=True)
+        # One builder per cache folder at a time (two runs sharing it would write one file);
+        # the lock is held until this process ends.
+        lock_folder(folder, "--cache-dir")
+        size = int(np.prod(shape)) * np.dtype(args.cache_dtype).itemsize
+        free = shutil.disk_usage(folder).free
+        if free < size:   # a memmap that meets a full disk ends in a bus error, not an exception
+            raise SystemExit(f"error: the latent cache needs {size / 2 ** 30:.2f} GiB in {folder}, which has "
+                             f"{free / 2 ** 30:.2f} GiB free; free space or pass another --cache-dir")
         for stale in [header_path] + done_marks:        # left by an interrupted build
             if os.path.exists(stale):
                 os.remove(stale)
         np.lib.format.open_memmap(temporary, mode="w+", dtype=args.cache_dtype, shape=shape).flush()
+        with open(temporary, "r+b") as f:    # reserve the blocks now, not at the first write into a hole
+            os.posix_fallocate(f.fileno(), 0, os.path.getsize(temporary))
     barrier(world_size)                                  # the ranks arrive together: only the cache check ran
     start, end = rank * len(dataset) // world_size, (rank + 1) * len(dataset) // world_size
     data_offset = np.load(temporary, mmap_mode="r").offset          # bytes before row 0
