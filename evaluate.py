@@ -275,9 +275,18 @@ def npz_image_batches(path, batch_size, key="arr_0"):
         yield torch.from_numpy(batch.copy())
 
 
+def reference_keys(path):
+    """The keys of a --ref npz, or one error line when it holds no usable reference."""
+    keys = npz_keys(path)
+    if "arr_0" not in keys and not {"mu", "sigma"} <= set(keys):
+        raise SystemExit(f"error: --ref {path} holds {sorted(keys)}: neither mu and sigma nor arr_0 images; make it "
+                         f"with `python evaluate.py stats` or pass ADM's reference batch")
+    return keys
+
+
 def reference_preprocess(path):
     """The Inception input mode a reference file's statistics were made with (module doc)."""
-    keys = npz_keys(path)
+    keys = reference_keys(path)
     if "preprocess" in keys:
         with np.load(path) as f:
             return str(f["preprocess"])
@@ -290,7 +299,7 @@ def load_reference(path, model, device, batch_size):
     """Reference statistics and pool features from our stats file, a pytorch-fid file
     (mu, sigma) or an ADM reference batch (arr_0 images and mu, sigma, mu_s, sigma_s).
     Anything missing but computable from arr_0 is computed; what stays missing is None."""
-    keys = npz_keys(path)
+    keys = reference_keys(path)
     ref = {k: None for k in ("mu", "sigma", "mu_s", "sigma_s", "pool")}
     with np.load(path) as f:
         for k in ref:

@@ -198,11 +198,14 @@ def main(argv=None):
     stop = StopSignal()
     rank, world_size, device = setup_distributed(args.device, timeout=args.dist_timeout)
     set_precision(args.precision)
-    model, checkpoint = dit.load_dit(args.ckpt, use_ema=True)
-    tok_path = args.tokenizer or checkpoint.get("args", {}).get("tokenizer")
-    if not tok_path:
-        raise SystemExit(f"{args.ckpt} names no tokenizer checkpoint; pass --tokenizer PATH")
-    tok = load_tokenizer(tok_path)
+    try:
+        model, checkpoint = dit.load_dit(args.ckpt, use_ema=True)
+        tok_path = args.tokenizer or checkpoint.get("args", {}).get("tokenizer")
+        if not tok_path:
+            raise SystemExit(f"error: {args.ckpt} names no tokenizer checkpoint; pass --tokenizer PATH")
+        tok = load_tokenizer(tok_path)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None
     if args.cfg_channels is not None and args.cfg_channels > model.config["in_channels"]:
         raise SystemExit(f"error: --cfg-channels {args.cfg_channels} exceeds the model's {model.config['in_channels']} "
                          f"latent channels; pass at most that, or leave it out to guide every channel")

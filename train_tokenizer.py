@@ -77,14 +77,17 @@ def pretrained_encoder(args):
         return encoder_overrides(args), None
     if not os.path.isfile(path):
         raise SystemExit(f"error: --encoder-weights file not found: {path}")
-    if path.endswith(".safetensors"):
-        return encoder_overrides(args), read_dinov2_weights(path)
-    checkpoint = load_checkpoint(path, "--encoder-weights file", "an official dinov2_*_pretrain.pth, a Hugging "
-                                 "Face model.safetensors or a stage-0 checkpoint")   # read once: DINOv2-L is 1.2 GB
-    if checkpoint.get("stage") == 0:
-        encoder = stand_in_from_checkpoint(checkpoint, path).encoder
-        return encoder.config, encoder.state_dict()
-    return encoder_overrides(args), official_dinov2_layout(checkpoint)
+    try:
+        if path.endswith(".safetensors"):
+            return encoder_overrides(args), read_dinov2_weights(path)
+        checkpoint = load_checkpoint(path, "--encoder-weights file", "an official dinov2_*_pretrain.pth, a Hugging "
+                                     "Face model.safetensors or a stage-0 checkpoint")   # read once: DINOv2-L is 1.2 GB
+        if checkpoint.get("stage") == 0:
+            encoder = stand_in_from_checkpoint(checkpoint, path).encoder
+            return encoder.config, encoder.state_dict()
+        return encoder_overrides(args), official_dinov2_layout(checkpoint, path)
+    except ValueError as error:
+        raise SystemExit(f"error: --encoder-weights: {error}") from None
 
 
 def build_tokenizer(args, init):
