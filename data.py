@@ -198,6 +198,11 @@ class SkipUnreadable(torch.utils.data.Dataset):
         raise SystemExit(f"error: no image of --data {self.dataset.folder.root} can be read ({skipped[0]})")
 
 
+def skipping_unreadable(dataset):
+    """What training reads: an ImageFolderData through SkipUnreadable, any other data set as it is."""
+    return SkipUnreadable(dataset) if isinstance(dataset, ImageFolderData) else dataset
+
+
 def build_dataset(data, image_size, split="train", num_images=10000, seed=0):
     """'synthetic' for the embedded data set, else the path of an ImageFolder tree."""
     if data == "synthetic":
@@ -252,7 +257,7 @@ class StepLoader:
         if len(batch) == 2:
             return batch
         for line in "\n".join(batch[2]).splitlines():
-            if line not in self.bad:
+            if line and line not in self.bad:
                 self.bad[line] = None
                 print(f"skipped unreadable image {line}", flush=True)
         if len(self.bad) > self.max_bad_images * self.dataset_size:
@@ -278,8 +283,7 @@ def step_loader(dataset, batch_size, rank, world_size, seed, start_step, workers
     """An endless iterator over this rank's batches from `start_step` on (StepBatchSampler).
     Images of a folder that cannot be read are skipped (SkipUnreadable, StepLoader).
     Creating it draws the loader's base seed from the global RNG."""
-    if isinstance(dataset, ImageFolderData):
-        dataset = SkipUnreadable(dataset)
+    dataset = skipping_unreadable(dataset)
     sampler = StepBatchSampler(len(dataset), batch_size, rank, world_size, seed, start_step=start_step)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                                          pin_memory=device.type == "cuda", persistent_workers=workers > 0,

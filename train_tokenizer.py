@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import build_dataset, step_loader
+from data import build_dataset, skipping_unreadable, step_loader
 from layers import load_state_dict_strict
 from losses import (PatchDiscriminator, adaptive_weight, generator_loss, hinge_d_loss, load_lpips,
                     patch_grid_size, semantic_preservation_loss)
@@ -189,10 +189,10 @@ def compute_latent_statistics(tokenizer, dataset, args, rank, world_size, device
     --stats-images unflipped training images, sharded across ranks and summed."""
     count = min(args.stats_images, len(dataset))
     chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))[:count]
-    subset = torch.utils.data.Subset(dataset, chosen[rank::world_size].tolist())
+    subset = torch.utils.data.Subset(skipping_unreadable(dataset), chosen[rank::world_size].tolist())
     loader = torch.utils.data.DataLoader(subset, batch_size=args.batch_size, num_workers=args.workers)
     sums = torch.zeros(3, tokenizer.latent_mean.numel(), dtype=torch.float64, device=device)  # n, sum, squares
-    for images, _ in tqdm(loader, desc="latent statistics", disable=rank != 0, dynamic_ncols=True):
+    for images, *_ in tqdm(loader, desc="latent statistics", disable=rank != 0, dynamic_ncols=True):
         with autocast(device):
             z = tokenizer.encode(images.to(device)).double()       # (N, C, h, w)
         z = z.transpose(0, 1).flatten(1)                           # (C, N*h*w)
@@ -311,7 +311,8 @@ def main(args):
     # ---- data --------------------------------------------------------------------
     image_size = init["tokenizer_config"]["image_size"] if init is not None else args.image_size
     dataset = build_dataset(args.data, image_size, "train", args.num_images, args.seed)
-    preview_set = build_dataset(args.data, image_size, "val", 8, args.seed) if args.data == "synthetic" else dataset
+    preview_set = build_dataset(args.data, image_size, "val", 8, args.seed) if args.data == "synthetic" else \
+        skipping_unreadable(dataset)
     preview = torch.stack([preview_set[i * (len(preview_set) // 8)][0] for i in range(8)]).to(device)
 
     # ---- model -------------------------------------------------------------------

@@ -41,6 +41,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -305,8 +306,9 @@ def atomic_path(path):
         os.replace(temporary, path)
         _fsync(folder)
     except (OSError, RuntimeError) as error:
-        # torch.save reports a full disk as a RuntimeError, with the errno only in its text
-        if getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error):
+        # torch.save reports a full disk as a RuntimeError without the errno ("unexpected pos"),
+        # so a failed write on a disk that is (nearly) full is taken for one
+        if getattr(error, "errno", None) == errno.ENOSPC or shutil.disk_usage(folder).free < 2 ** 24:
             raise SystemExit(f"error: no space left on {_mount_point(folder)} writing {path}; the previous "
                              f"file (if any) is kept, free some space and run again") from None
         raise
