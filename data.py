@@ -198,6 +198,29 @@ class SkipUnreadable(torch.utils.data.Dataset):
         raise SystemExit(f"error: no image of --data {self.dataset.folder.root} can be read ({skipped[0]})")
 
 
+class ReportUnreadable(torch.utils.data.Dataset):
+    """For commands that must see every image (evaluate.py stats and recon): an unreadable
+    image of an ImageFolderData (or a Subset of one) becomes a blank item carrying its
+    "path: reason", so that the caller can name every unreadable file, not only the first.
+    Items are (image, label, "" or "cannot read image PATH: reason")."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        inner = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
+        self.image_size = inner.image_size
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        try:
+            return (*self.dataset[index], "")
+        except RuntimeError as error:
+            if not str(error).startswith("cannot read image"):
+                raise
+            return torch.zeros(3, self.image_size, self.image_size), -1, str(error)
+
+
 def skipping_unreadable(dataset):
     """What training reads: an ImageFolderData through SkipUnreadable, any other data set as it is."""
     return SkipUnreadable(dataset) if isinstance(dataset, ImageFolderData) else dataset

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from scipy import linalg
 
-from data import build_dataset
+from data import ReportUnreadable, build_dataset
 from inception import INCEPTION_FILE, INCEPTION_HELP, INCEPTION_URL, PREPROCESS, download_inception, load_inception
 from tokenizer import encoder_input, load_dinov2, load_stand_in, load_tokenizer
 from training import psnr, save_grid, save_json, save_npz
@@ -76,13 +76,19 @@ def statistics(features):
 
 def dataset_batches(dataset, batch_size, workers, labels=None):
     """Yields [0, 1] image batches from a data.py data set (items in [-1, 1]); labels,
-    when a list is given, are appended to it."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+    when a list is given, are appended to it. Statistics need every image, so an unreadable
+    one is not skipped: the pass goes on, and at its end one error names every such file."""
+    loader = torch.utils.data.DataLoader(ReportUnreadable(dataset), batch_size=batch_size, num_workers=workers,
                                          pin_memory=torch.cuda.is_available())
-    for images, targets in loader:
+    unreadable = []
+    for images, targets, problems in loader:
+        unreadable += [problem for problem in problems if problem]
         if labels is not None:
             labels.extend(targets.tolist())
         yield (images + 1) / 2
+    if unreadable:
+        raise SystemExit(f"error: {len(unreadable)} of {len(dataset)} images of --data cannot be read (remove or "
+                         f"replace them; the measures need every image): {'; '.join(unreadable)}")
 
 
 #################################################################################

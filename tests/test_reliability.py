@@ -288,6 +288,14 @@ def test_unreadable_images_are_skipped_counted_and_bounded(tmp_path, capsys):
                                                                 "--max-bad-images", "0.1"]))
 
 
+def test_evaluation_names_every_unreadable_image(tmp_path):
+    root = image_folder(tmp_path / "data")
+    (root / "class0" / "empty.png").write_bytes(b"")
+    (root / "class1" / "notes.png").write_text("not an image")
+    with pytest.raises(SystemExit, match=r"^error: 2 of 10 images of --data cannot be read .*empty.png.*; .*notes.png"):
+        list(evaluate.dataset_batches(ImageFolderData(str(root), 16), 4, 0))
+
+
 def test_empty_data_folders_are_one_line(tmp_path):
     (tmp_path / "none").mkdir()
     with pytest.raises(SystemExit, match=r"^error: --data .*none: Couldn't find any class folder"):
