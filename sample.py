@@ -31,8 +31,8 @@ import torch.distributed as dist
 import dit
 from layers import hash_weights
 from tokenizer import load_tokenizer
-from training import (StopSignal, atomic_path, cleanup_distributed, non_negative_float, positive_float, positive_int,
-                      save_grid, save_json, save_npz, setup_distributed, unit_interval, wait_for_files)
+from training import (StopSignal, atomic_path, check_writable, cleanup_distributed, non_negative_float, positive_float,
+                      positive_int, save_grid, save_json, save_npz, setup_distributed, unit_interval, wait_for_files)
 
 
 #################################################################################
@@ -195,6 +195,7 @@ def write_grid(model, tok, args, device):
 
 def main(argv=None):
     args = parse_args(argv)
+    check_writable(args.grid or args.out, "--grid" if args.grid else "--out")
     stop = StopSignal()
     rank, world_size, device = setup_distributed(args.device, timeout=args.dist_timeout)
     set_precision(args.precision)

@@ -199,6 +199,19 @@ def lock_folder(folder, flag="--out", new_file=None):
     return handle
 
 
+def check_writable(path, flag="--out"):
+    """One error line at start-up, before any work, when the folder of an output file cannot
+    be written (a probe file is created there and removed)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".probe.tmp{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as error:
+        raise SystemExit(f"error: cannot write {flag} {path} ({error.strerror}); choose a writable place") from None
+
+
 def _alive(pid):
     try:
         os.kill(pid, 0)

@@ -201,6 +201,15 @@ def test_an_unwritable_out_is_one_line_before_any_work(tiny, tmp_path):
         train_diffusion.main(train_diffusion.parse_args(dit_argv(tiny, blocker / "run", 1)))
 
 
+def test_an_unwritable_evaluation_or_sample_output_is_one_line_before_any_work(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit, match=r"^error: cannot write --out .*file/stats.npz"):
+        evaluate.main(["stats", "--data", "synthetic", "--out", str(blocker / "stats.npz")])
+    with pytest.raises(SystemExit, match=r"^error: cannot write --grid .*file/grid.png"):
+        sample.main(["--ckpt", "missing.pt", "--grid", str(blocker / "grid.png")])
+
+
 def test_the_latent_cache_checks_free_space_before_encoding(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(latents_module.shutil, "disk_usage", lambda path: argparse.Namespace(free=1000))
     monkeypatch.setattr(AlignTok, "encode", lambda *a: pytest.fail("encoded on a full disk"))
@@ -355,16 +364,18 @@ BAD_FLAGS = [(train_diffusion, f, v) for f, v in [
     [(train_tokenizer, f, v) for f, v in [("--batch-size", "-1"), ("--steps", "-5"), ("--lr", "nan"),
                                           ("--ema-decay", "2"), ("--ckpt-every", "0"), ("--disc-betas", "2")]] + \
     [(sample, f, v) for f, v in [("--num-samples", "0"), ("--cfg-scale", "-1"), ("--cfg-interval", "5"),
-                                 ("--shift", "-1"), ("--batch-size", "-1"), ("--steps", "0")]]
+                                 ("--shift", "-1"), ("--batch-size", "-1"), ("--steps", "0")]] + \
+    [(evaluate, f, v) for f, v in [("--batch-size", "0"), ("--k", "0"), ("--is-split-size", "-1")]]
 
 
 @pytest.mark.parametrize("module, flag, value", BAD_FLAGS, ids=[f"{m.__name__}{f}={v}" for m, f, v in BAD_FLAGS])
 def test_numeric_flags_are_checked_at_parse_time(module, flag, value, capsys):
     required = {train_diffusion: ["--tokenizer", "t.pt", "--out", "o"], train_tokenizer: ["--stage", "0", "--out", "o"],
-                sample: ["--ckpt", "c.pt", "--out", "o.npz"]}[module]
+                sample: ["--ckpt", "c.pt", "--out", "o.npz"], evaluate: ["metrics", "--samples", "s", "--ref", "r"]}[module]
     values = [value, value] if flag == "--disc-betas" else [value]
+    parse = evaluate.build_parser().parse_args if module is evaluate else module.parse_args
     with pytest.raises(SystemExit) as error:
-        module.parse_args(required + [flag, *values])
+        parse(required + [flag, *values])
     assert error.value.code == 2 and f"argument {flag}" in capsys.readouterr().err
 
 
