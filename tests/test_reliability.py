@@ -115,6 +115,19 @@ def test_sigint_stops_the_tokenizer_cleanly(tmp_path):
     assert f"stopped by SIGINT at step {step}; saved" in stdout and "--resume" in stdout
 
 
+def test_sigterm_keeps_the_finished_sample_shards(tiny, tmp_path):
+    out = tmp_path / "samples.npz"
+    process = start("sample.py", ["--ckpt", tiny[2], "--out", str(out), "--num-samples", "400", "--shard-size", "2",
+                                  "--batch-size", "2", "--steps", "2", "--device", "cpu"])
+    shards = lambda: glob.glob(str(tmp_path / "samples_shards" / "shard_*.npz"))
+    wait_for(lambda: len(shards()) >= 1, process, "a finished shard")
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0 and "Traceback" not in stderr, stderr[-2000:]
+    assert f"stopped by SIGTERM: {len(shards())} of 200 shards kept in" in stdout and not out.exists()
+    assert all(len(np.load(path)["arr_0"]) == 2 for path in shards())
+
+
 SLOW_SAVE = """
 import sys, time, torch
 import train_diffusion
