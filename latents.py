@@ -107,9 +107,9 @@ def cache_latents(tokenizer, dataset, args, rank, world_size, device, expected_k
     done_marks = [f"{temporary}.rank{r}of{world_size}.done" for r in range(world_size)]
     header_path = path.removesuffix(".npy") + ".json"
     if rank == 0:
-        # One builder per cache folder at a time (two runs sharing it would write one file);
-        # the lock is held until this process ends.
-        lock_folder(folder, "--cache-dir")
+        # One builder per cache at a time (two would write one file); other caches in the
+        # folder are free to build. The lock is held until this process ends.
+        lock_folder(folder, "--cache-dir", name=f".latents-{key}.lock")
         size = int(np.prod(shape)) * np.dtype(args.cache_dtype).itemsize
         free = shutil.disk_usage(folder).free
         if free < size:   # a memmap that meets a full disk ends in a bus error, not an exception

@@ -31,6 +31,7 @@ evaluate.py stats <out>.npz: mu, sigma, mu_s, sigma_s, pool, preprocess (the Inc
 metrics.jsonl: one JSON object per logging window (MetricsLog).
 <out>/.lock: the PID of the run that holds the folder (lock_folder); the lock itself is the OS's
     flock on it, released when that process ends, so the file never needs removing by hand.
+    <cache-dir>/.latents-<key>.lock: the same for the process building that latent cache.
 """
 import argparse
 import contextlib
@@ -159,23 +160,23 @@ below_one = _checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 #                 Run folders: lock, stale temporaries, stop signals            #
 #################################################################################
 
-_held_locks = {}    # folder -> lock file of this process: a second main() in one process (tests) reuses it
+_held_locks = {}    # lock path -> lock file of this process: a second main() in one process (tests) reuses it
 
 
-def lock_folder(folder, flag="--out", new_file=None):
-    """Holds an exclusive OS lock (flock) on <folder>/.lock for the life of this process, so that
+def lock_folder(folder, flag="--out", new_file=None, name=".lock"):
+    """Holds an exclusive OS lock (flock) on <folder>/<name> for the life of this process, so that
     a second run in the same folder is refused with the holder's PID. The OS drops the lock
     when the process ends, however it ends, so no stale lock ever needs removing. Creating the
     lock file is also the start-up check that the folder can be written. Returns the open lock
     file, which this process keeps until it ends. new_file: a path that must still not exist
     once the lock is held (a fresh run's checkpoint, which a run that held the folder between
     this run's start-up checks and its lock may have written)."""
-    key = os.path.realpath(folder)
+    key = os.path.realpath(os.path.join(folder, name))
     if key in _held_locks and not _held_locks[key].closed:
         return _held_locks[key]
     try:
         os.makedirs(folder, exist_ok=True)
-        handle = open(os.path.join(folder, ".lock"), "a+")
+        handle = open(key, "a+")
     except OSError as error:
         raise SystemExit(f"error: cannot write to {flag} {folder} ({error.strerror}); choose a writable folder") \
             from None

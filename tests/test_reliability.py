@@ -153,12 +153,14 @@ def test_a_second_signal_during_the_save_stops_at_once_without_a_partial_file(ti
     assert not glob.glob(str(out / "*checkpoint*")) and not glob.glob(str(out / ".*tmp*"))
 
 
-HOLD = "import sys, time, training; training.lock_folder(sys.argv[1]); print('held', flush=True); time.sleep(120)"
+HOLD = ("import sys, time, training; training.lock_folder(sys.argv[1], name=sys.argv[2]); print('held', flush=True); "
+        "time.sleep(120)")
 
 
 def test_the_latent_cache_is_locked_while_built_and_released_when_its_holder_dies(tiny, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
-    holder = start(None, [str(cache)], code=HOLD)
+    [built] = glob.glob(os.path.join(tiny[1], "latents-*.npy"))          # the same key: same tokenizer and data
+    holder = start(None, [str(cache), f".{os.path.basename(built)[:-4]}.lock"], code=HOLD)
     assert holder.stdout.readline().strip() == "held"
     argv = dit_argv(tiny, tmp_path / "run", 1)
     argv[argv.index("--cache-dir") + 1] = str(cache)
