@@ -110,7 +110,7 @@ def center_crop_resize(image, size):
 
 # Limits checked on the header, before any pixel is decoded (our choice): a 957-byte PNG of
 # 300000x1 px is small on disk, but resizing its short side to 32 px made 2.2 GB of pixels.
-MAX_PIXELS = 2 ** 28          # 268M pixels, 16K x 16K
+MAX_PIXELS = 2 ** 27          # 134M pixels, 16K x 8K (Pillow itself refuses beyond 179M)
 MAX_ASPECT = 32               # long side / short side
 
 

@@ -33,10 +33,10 @@ from dit import DIT_NAMES, create_model, drop_labels, flow_loss, sample
 from latents import LatentPairs, cache_latents
 from layers import load_state_dict_strict
 from tokenizer import load_tokenizer
-from training import (MetricsLog, StopSignal, all_finite, autocast, cleanup_distributed, clip_gradients, ema_decay,
-                      gather_rng_states, lock_folder, non_negative_float, non_negative_int, open_run, positive_float,
+from training import (MetricsLog, StopSignal, all_finite, autocast, below_one, cleanup_distributed, clip_gradients,
+                      ema_decay, gather_rng_states, lock_folder, non_negative_float, non_negative_int, open_run,
                       positive_int, save_checkpoint, save_grid, set_rng_state, setup_distributed, trim_metrics,
-                      unit_interval, below_one, unwrap, update_ema)
+                      unit_interval, unwrap, update_ema)
 
 
 #################################################################################

@@ -38,8 +38,8 @@ from tokenizer import (AlignTok, EncoderClassifier, load_dinov2, official_dinov2
                        stand_in_from_checkpoint)
 from training import (MetricsLog, StopSignal, all_finite, autocast, below_one, cleanup_distributed, clip_gradients,
                       ema_decay, gather_rng_states, load_checkpoint, lock_folder, non_negative_float,
-                      non_negative_int, open_run, positive_float, positive_int, psnr, save_checkpoint, save_grid,
-                      set_rng_state, setup_distributed, trim_metrics, unit_interval, unwrap, update_ema)
+                      non_negative_int, open_run, positive_int, psnr, save_checkpoint, save_grid, set_rng_state,
+                      setup_distributed, trim_metrics, unit_interval, unwrap, update_ema)
 
 
 #################################################################################
