@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from training import all_reduce_mean
+
 
 #################################################################################
 #                        The embedded synthetic data set                        #
@@ -291,10 +293,7 @@ class StepLoader:
 
     def bad_images(self, world_size):
         """The number of unreadable images found so far by every rank (all ranks call it)."""
-        total = torch.tensor(float(len(self.bad)), dtype=torch.float64)
-        if world_size > 1:
-            torch.distributed.all_reduce(total)
-        return int(total)
+        return round(all_reduce_mean(float(len(self.bad)), world_size) * world_size)
 
 
 def _ignore_interrupt(worker_id):
