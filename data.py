@@ -296,9 +296,11 @@ class StepLoader:
         return round(all_reduce_mean(float(len(self.bad)), world_size) * world_size)
 
 
-def _ignore_interrupt(worker_id):
-    # Ctrl-C reaches the workers too; only the main process handles it (it stops after the step).
+def _ignore_stop_signals(worker_id):
+    # Ctrl-C and SLURM's SIGTERM reach the workers too; only the main process handles them (it
+    # stops after the step, then ends the workers). A worker killed first would crash the save.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def step_loader(dataset, batch_size, rank, world_size, seed, start_step, workers, device, max_bad_images=0.0):
@@ -309,5 +311,5 @@ def step_loader(dataset, batch_size, rank, world_size, seed, start_step, workers
     sampler = StepBatchSampler(len(dataset), batch_size, rank, world_size, seed, start_step=start_step)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                                          pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                                         worker_init_fn=_ignore_interrupt if workers > 0 else None)
+                                         worker_init_fn=_ignore_stop_signals if workers > 0 else None)
     return StepLoader(iter(loader), len(dataset), max_bad_images)

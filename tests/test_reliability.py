@@ -60,9 +60,11 @@ def dit_argv(tiny, out, steps, *extra):
 
 
 def start(script, argv, code=None):
-    """A real process: the script, or `code` (python -c) with the script's argv."""
+    """A real process in its own process group: the script, or `code` (python -c) with the
+    script's argv."""
     command = [sys.executable, "-c", code, *argv] if code else [sys.executable, os.path.join(ROOT, script), *argv]
-    return subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
 
 
 def wait_for(predicate, process, what, timeout=120):
@@ -87,12 +89,12 @@ def metric_lines(out):
 
 def test_sigterm_finishes_the_step_saves_and_a_second_run_is_refused(tiny, tmp_path):
     out = tmp_path / "run"
-    process = start("train_diffusion.py", dit_argv(tiny, out, 100000, "--ckpt-every", "100000"))
+    process = start("train_diffusion.py", dit_argv(tiny, out, 100000, "--ckpt-every", "100000", "--workers", "1"))
     wait_for(lambda: metric_lines(out) >= 2, process, "two logged steps")
     # A second run in the same folder, while the first trains: refused, naming the holder.
     with pytest.raises(SystemExit, match=rf"^error: .*run is in use by another process \(PID {process.pid}\)"):
         train_diffusion.main(train_diffusion.parse_args(dit_argv(tiny, out, 3)))
-    process.send_signal(signal.SIGTERM)
+    os.killpg(process.pid, signal.SIGTERM)            # as SLURM does: the data loader's worker gets it too
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr[-2000:]
     [line] = [line for line in stdout.splitlines() if line.startswith("stopped by SIGTERM")]
@@ -105,10 +107,11 @@ def test_sigterm_finishes_the_step_saves_and_a_second_run_is_refused(tiny, tmp_p
 
 def test_sigint_stops_the_tokenizer_cleanly(tmp_path):
     out = tmp_path / "stage0"
-    argv = ["--stage", "0", "--out", str(out), "--steps", "100000", *TINY, *TINY_ENCODER, "--sample-every", "100000"]
+    argv = ["--stage", "0", "--out", str(out), "--steps", "100000", *TINY, *TINY_ENCODER, "--sample-every", "100000",
+            "--workers", "1"]
     process = start("train_tokenizer.py", argv)
     wait_for(lambda: metric_lines(out) >= 1, process, "a logged step")
-    process.send_signal(signal.SIGINT)
+    os.killpg(process.pid, signal.SIGINT)             # as Ctrl-C does: to the whole foreground group
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 0 and "Traceback" not in stderr, stderr[-2000:]
     step = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
