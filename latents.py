@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from data import ReportUnreadable
 from layers import hash_weights
 from training import atomic_path, autocast, barrier, lock_folder, wait_for_files
 
@@ -128,10 +129,10 @@ def cache_latents(tokenizer, dataset, args, rank, world_size, device, expected_k
     # Plain positioned writes, not a shared memmap: the ranks' blocks meet inside pages,
     # and ranks on other nodes only see whole closed writes on a network file system.
     with open(temporary, "r+b") as cache_file:
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(start, end)),
+        loader = torch.utils.data.DataLoader(ReportUnreadable(torch.utils.data.Subset(dataset, range(start, end))),
                                              batch_size=args.cache_batch_size, num_workers=args.workers)
-        offset = start
-        for images, _ in tqdm(loader, desc=f"encoding latents (rank 0 of {world_size})", disable=rank != 0,
+        offset, unreadable = start, []
+        for images, _, problems in tqdm(loader, desc=f"encoding latents (rank 0 of {world_size})", disable=rank != 0,
                               dynamic_ncols=True):
             images = images.to(device)
             with autocast(device):
@@ -143,6 +144,10 @@ def cache_latents(tokenizer, dataset, args, rank, world_size, device, expected_k
             cache_file.seek(data_offset + offset * row_bytes)
             cache_file.write(np.ascontiguousarray(pairs).data)
             offset += len(pairs)
+            unreadable += [problem for problem in problems if problem]
+    if unreadable:   # every image has a row: name them all, and leave the cache uncommitted
+        raise SystemExit(f"error: {len(unreadable)} images of --data cannot be read (remove or replace them, then "
+                         f"run again): {'; '.join(unreadable)}")
     open(done_marks[rank], "w").close()
     # The ranks' blocks differ by at most one image, but encoding times still vary; the waits
     # go through the file system (wait_for_files), which no process-group timeout cuts short.

@@ -315,12 +315,16 @@ def test_unreadable_images_are_skipped_counted_and_bounded(tmp_path, capsys):
                                                                 "--max-bad-images", "0.1"]))
 
 
-def test_evaluation_names_every_unreadable_image(tmp_path):
+def test_evaluation_and_the_latent_cache_name_every_unreadable_image(tiny, tmp_path):
     root = image_folder(tmp_path / "data")
     (root / "class0" / "empty.png").write_bytes(b"")
     (root / "class1" / "notes.png").write_text("not an image")
     with pytest.raises(SystemExit, match=r"^error: 2 of 10 images of --data cannot be read .*empty.png.*; .*notes.png"):
         list(evaluate.dataset_batches(ImageFolderData(str(root), 16), 4, 0))
+    with pytest.raises(SystemExit, match=r"^error: 2 images of --data cannot be read .*empty.png.*; .*notes.png"):
+        train_diffusion.main(train_diffusion.parse_args(["--tokenizer", tiny[0], "--data", str(root), "--out",
+                                                         str(tmp_path / "dit"), "--batch-size", "2"]))
+    assert not glob.glob(str(tmp_path / "dit" / "latents" / "latents-*.json"))          # no cache committed
 
 
 def test_empty_data_folders_are_one_line(tmp_path):
