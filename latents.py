@@ -8,7 +8,6 @@ unchanged one is reused across runs.
 import hashlib
 import json
 import os
-import shutil
 
 import numpy as np
 import torch
@@ -16,7 +15,7 @@ from tqdm import tqdm
 
 from data import ReportUnreadable
 from layers import hash_weights
-from training import atomic_path, autocast, barrier, lock_folder, wait_for_files
+from training import atomic_path, autocast, barrier, check_free_space, lock_folder, wait_for_files
 
 
 def tokenizer_fingerprint(tokenizer):
@@ -111,11 +110,9 @@ def cache_latents(tokenizer, dataset, args, rank, world_size, device, expected_k
         # One builder per cache at a time (two would write one file); other caches in the
         # folder are free to build. The lock is held until this process ends.
         lock_folder(folder, "--cache-dir", name=f".latents-{key}.lock")
-        size = int(np.prod(shape)) * np.dtype(args.cache_dtype).itemsize
-        free = shutil.disk_usage(folder).free
-        if free < size:   # a memmap that meets a full disk ends in a bus error, not an exception
-            raise SystemExit(f"error: the latent cache needs {size / 2 ** 30:.2f} GiB in {folder}, which has "
-                             f"{free / 2 ** 30:.2f} GiB free; free space or pass another --cache-dir")
+        # A memmap that meets a full disk ends in a bus error, not an exception.
+        check_free_space(folder, int(np.prod(shape)) * np.dtype(args.cache_dtype).itemsize, "the latent cache",
+                         "--cache-dir")
         for stale in [header_path] + done_marks:        # left by an interrupted build
             if os.path.exists(stale):
                 os.remove(stale)

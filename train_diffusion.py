@@ -33,10 +33,10 @@ from dit import DIT_NAMES, create_model, drop_labels, flow_loss, sample
 from latents import LatentPairs, cache_latents
 from layers import load_state_dict_strict
 from tokenizer import load_tokenizer
-from training import (MetricsLog, StopSignal, all_finite, autocast, below_one, cleanup_distributed, clip_gradients,
-                      ema_decay, gather_rng_states, lock_folder, non_negative_float, non_negative_int, open_run,
-                      positive_int, save_checkpoint, save_grid, set_rng_state, setup_distributed, trim_metrics,
-                      unit_interval, unwrap, update_ema)
+from training import (MetricsLog, StopSignal, all_finite, autocast, below_one, check_free_space, checkpoint_bytes,
+                      cleanup_distributed, clip_gradients, ema_decay, gather_rng_states, lock_folder,
+                      non_negative_float, non_negative_int, open_run, positive_int, save_checkpoint, save_grid,
+                      set_rng_state, setup_distributed, trim_metrics, unit_interval, unwrap, update_ema)
 
 
 #################################################################################
@@ -126,6 +126,7 @@ def main(args):
     preview_labels, preview_noise = preview_labels.to(device), preview_noise.to(device)
     if rank == 0:   # the lock is held until the process ends
         lock_folder(args.out, new_file=checkpoint_path if resume is None else None)
+        check_free_space(args.out, checkpoint_bytes(model), "a checkpoint")
         trim_metrics(metrics_path, step)
     if resume is not None:   # last: building the loader above draws its base seed from the RNG
         set_rng_state(resume["rng"][rank])

@@ -36,10 +36,10 @@ from losses import (PatchDiscriminator, adaptive_weight, generator_loss, hinge_d
                     patch_grid_size, semantic_preservation_loss)
 from tokenizer import (AlignTok, EncoderClassifier, load_dinov2, official_dinov2_layout, read_dinov2_weights,
                        stand_in_from_checkpoint)
-from training import (MetricsLog, StopSignal, all_finite, autocast, below_one, cleanup_distributed, clip_gradients,
-                      ema_decay, gather_rng_states, load_checkpoint, lock_folder, non_negative_float,
-                      non_negative_int, open_run, positive_int, psnr, save_checkpoint, save_grid, set_rng_state,
-                      setup_distributed, trim_metrics, unit_interval, unwrap, update_ema)
+from training import (MetricsLog, StopSignal, all_finite, autocast, below_one, check_free_space, checkpoint_bytes,
+                      cleanup_distributed, clip_gradients, ema_decay, gather_rng_states, load_checkpoint, lock_folder,
+                      non_negative_float, non_negative_int, open_run, positive_int, psnr, save_checkpoint, save_grid,
+                      set_rng_state, setup_distributed, trim_metrics, unit_interval, unwrap, update_ema)
 
 
 #################################################################################
@@ -334,6 +334,7 @@ def main(args):
                          args.max_bad_images)
     if rank == 0:   # the lock is held until the process ends
         lock_folder(args.out, new_file=checkpoint_path if resume is None else None)
+        check_free_space(args.out, checkpoint_bytes(model), "a checkpoint")
         trim_metrics(metrics_path, step)
     if resume is not None:  # last: building the loader iterator draws from the global RNG
         set_rng_state(resume["rng"][rank])

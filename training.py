@@ -213,6 +213,19 @@ def check_writable(path, flag="--out"):
         raise SystemExit(f"error: cannot write {flag} {path} ({error.strerror}); choose a writable place") from None
 
 
+def check_free_space(folder, needed, what, flag="--out"):
+    """One error line at start-up when `folder` has less free space than `needed` bytes for `what`."""
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise SystemExit(f"error: {what} needs {needed / 2 ** 30:.2f} GiB in {folder}, which has {free / 2 ** 30:.2f} "
+                         f"GiB free; free space or choose another {flag}")
+
+
+def checkpoint_bytes(model):
+    """About what a checkpoint of `model` takes: the weights, their EMA and AdamW's two moments."""
+    return 4 * sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
 def _alive(pid):
     try:
         os.kill(pid, 0)

@@ -20,7 +20,6 @@ import torch
 from PIL import Image
 
 import evaluate
-import latents as latents_module
 import sample
 import train_diffusion
 import train_tokenizer
@@ -228,13 +227,17 @@ def test_an_unwritable_evaluation_or_sample_output_is_one_line_before_any_work(t
         sample.main(["--ckpt", "missing.pt", "--grid", str(blocker / "grid.png")])
 
 
-def test_the_latent_cache_checks_free_space_before_encoding(tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr(latents_module.shutil, "disk_usage", lambda path: argparse.Namespace(free=1000))
+def test_free_space_is_checked_before_encoding_and_training(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(training.shutil, "disk_usage", lambda path: argparse.Namespace(free=1000))
     monkeypatch.setattr(AlignTok, "encode", lambda *a: pytest.fail("encoded on a full disk"))
     argv = dit_argv(tiny, tmp_path / "run", 1)
     argv[argv.index("--cache-dir") + 1] = str(tmp_path / "cache")
-    with pytest.raises(SystemExit, match=r"the latent cache needs 0.00 GiB in .*cache, which has 0.00 GiB free"):
+    with pytest.raises(SystemExit, match=r"^error: the latent cache needs 0.00 GiB in .*cache, which has 0.00 GiB "
+                                         r"free; free space or choose another --cache-dir"):
         train_diffusion.main(train_diffusion.parse_args(argv))
+    monkeypatch.setattr(train_diffusion, "flow_loss", lambda *a: pytest.fail("trained with no room to save"))
+    with pytest.raises(SystemExit, match=r"^error: a checkpoint needs 0.00 GiB in .*run, which has 0.00 GiB free"):
+        train_diffusion.main(train_diffusion.parse_args(dit_argv(tiny, tmp_path / "run", 1)))
 
 
 def test_stale_temporaries_of_dead_processes_are_removed_and_writes_are_fsynced(tmp_path, monkeypatch):
