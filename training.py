@@ -251,16 +251,23 @@ class StopSignal:
     second signal stops at once: its exception unwinds through atomic_path, which removes the
     partial file, so the previous checkpoint stays whole."""
 
+    # torchrun forwards the signal it gets to its workers, so a job whose scheduler signals
+    # every process (SLURM does) delivers one stop request twice within milliseconds: a repeat
+    # inside this window is that echo, not a second request.
+    ECHO_SECONDS = 2.0
+
     def __init__(self):
-        self.name = None
+        self.name, self.time = None, None
         for number in (signal.SIGTERM, signal.SIGINT):
             signal.signal(number, self._handle)
 
     def _handle(self, number, frame):
         name = signal.Signals(number).name
+        if self.name is not None and time.monotonic() - self.time < self.ECHO_SECONDS:
+            return
         if self.name is not None:
             raise SystemExit(f"error: second {name}: stopped at once; the last complete checkpoint is kept")
-        self.name = name
+        self.name, self.time = name, time.monotonic()
         print(f"\n{name}: finishing the current step, then saving (send it again to stop at once)",
               file=sys.stderr, flush=True)
 
