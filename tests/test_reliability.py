@@ -94,7 +94,6 @@ def test_sigterm_finishes_the_step_saves_and_a_second_run_is_refused(tiny, tmp_p
     with pytest.raises(SystemExit, match=rf"^error: .*run is in use by another process \(PID {process.pid}\)"):
         train_diffusion.main(train_diffusion.parse_args(dit_argv(tiny, out, 3)))
     os.killpg(process.pid, signal.SIGTERM)            # as SLURM does: the data loader's worker gets it too
-    os.killpg(process.pid, signal.SIGTERM)            # the echo of torchrun forwarding it: still one request
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr[-2000:]
     [line] = [line for line in stdout.splitlines() if line.startswith("stopped by SIGTERM")]
@@ -129,6 +128,23 @@ def test_sigterm_keeps_the_finished_sample_shards(tiny, tmp_path):
     assert process.returncode == 0 and "Traceback" not in stderr, stderr[-2000:]
     assert f"stopped by SIGTERM: {len(shards())} of 200 shards kept in" in stdout and not out.exists()
     assert all(len(np.load(path)["arr_0"]) == 2 for path in shards())
+
+
+def test_an_echoed_signal_is_one_request_and_a_later_one_stops_at_once(monkeypatch):
+    previous = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+    monkeypatch.setattr(training.StopSignal, "ECHO_SECONDS", 0.3)
+    try:
+        stop = training.StopSignal()
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)          # torchrun forwarding the scheduler's signal
+        assert stop.name == "SIGTERM" and stop.requested(1)
+        time.sleep(0.4)
+        with pytest.raises(SystemExit, match="^error: second SIGINT: stopped at once"):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 SLOW_SAVE = """
