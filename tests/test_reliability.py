@@ -104,6 +104,24 @@ def test_sigterm_finishes_the_step_saves_and_a_second_run_is_refused(tiny, tmp_p
     assert [json.loads(r)["step"] for r in open(out / "metrics.jsonl")] == list(range(1, step + 1))
 
 
+def test_under_torchrun_every_rank_stops_at_the_same_step(tiny, tmp_path):
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    out = tmp_path / "run"
+    argv = ["--nproc_per_node", "2", "--master_port", port, os.path.join(ROOT, "train_diffusion.py"),
+            *dit_argv(tiny, out, 100000, "--ckpt-every", "100000")]
+    process = start(None, argv, code="from torch.distributed.run import main; main()")
+    wait_for(lambda: metric_lines(out) >= 2, process, "two logged steps")
+    os.killpg(process.pid, signal.SIGTERM)            # the launcher and both ranks, as SLURM sends it
+    stdout, stderr = process.communicate(timeout=120)
+    [line] = [line for line in stdout.splitlines() if line.startswith("stopped by SIGTERM")]
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert f"at step {checkpoint['step']};" in line and len(checkpoint["rng"]) == 2     # both ranks, one step
+    assert "second SIGTERM" not in stderr
+
+
 def test_sigint_stops_the_tokenizer_cleanly(tmp_path):
     out = tmp_path / "stage0"
     argv = ["--stage", "0", "--out", str(out), "--steps", "100000", *TINY, *TINY_ENCODER, "--sample-every", "100000",
