@@ -1,8 +1,8 @@
 """
 What the training, sampling and evaluation scripts share: the torchrun/DDP setup, the one
 EMA helper, the one checkpoint writer, RNG state for exact resume, the metrics log, the
-npz/json writers and image grids. Nothing here holds global state; every function takes
-what it works on.
+npz/json writers and image grids. Nothing here holds global state but the folder locks this
+process holds (lock_folder); every function takes what it works on.
 
 Every file the project writes, and who reads it (torch.save dicts are always read back
 with weights_only=True; every write goes through atomic_path):
