@@ -8,10 +8,13 @@ ImageFolder trees (ImageNet layout), and a batch sampler whose position is the s
 Every data set yields (image, label) with image a float tensor (3, H, W) in [-1, 1].
 """
 import os
+import signal
 
 import numpy as np
 import torch
 from PIL import Image
+
+from training import all_reduce_mean
 
 
 #################################################################################
@@ -107,16 +110,55 @@ def center_crop_resize(image, size):
     return image.crop((left, top, left + size, top + size))
 
 
+# Limits checked on the header, before any pixel is decoded (our choice): a 957-byte PNG of
+# 300000x1 px is small on disk, but resizing its short side to 32 px made 2.2 GB of pixels.
+MAX_PIXELS = 2 ** 27          # 134M pixels, 16K x 8K (Pillow itself refuses beyond 179M)
+MAX_ASPECT = 32               # long side / short side
+
+
+def to_rgb(image):
+    """8-bit RGB. Pillow's convert("RGB") clips 16-bit and 32-bit images at 255 (they turn
+    white), so those are scaled here: 16-bit by 65535 (a 32-bit integer image whose values
+    fit 16 bits is a 16-bit PNG as older Pillows open it), other 32-bit integers by 2^31 - 1,
+    and float images taken as [0, 1] (our choice)."""
+    if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
+        return image.convert("RGB")
+    array = np.asarray(image).astype(np.float64)
+    if image.mode == "F":
+        top = 1.0
+    else:
+        top = 65535.0 if image.mode.startswith("I;16") or array.max(initial=0) <= 65535 else 2.0 ** 31 - 1
+    gray = (np.clip(array / top, 0, 1) * 255 + 0.5).astype(np.uint8)
+    return Image.fromarray(np.stack([gray] * 3, axis=-1))
+
+
+def read_image(path, size):
+    """The image file at `path` as `size` px RGB (center_crop_resize), or an exception
+    whose text says what is wrong with it."""
+    with Image.open(path) as image:
+        width, height = image.size
+        if width * height > MAX_PIXELS or max(width, height) > MAX_ASPECT * min(width, height):
+            raise ValueError(f"{width}x{height} px is beyond our limits ({MAX_PIXELS} pixels, sides at most "
+                             f"{MAX_ASPECT}:1), refused before decoding it")
+        image.load()
+        return center_crop_resize(to_rgb(image), size)
+
+
 class ImageFolderData(torch.utils.data.Dataset):
     """A torchvision ImageFolder tree (one sub-folder per class), center-cropped and
-    resized to image_size. A file that cannot be read stops with its path named."""
+    resized to image_size. A file that cannot be read stops with its path named; training
+    reads it through SkipUnreadable instead."""
 
     def __init__(self, root, image_size):
         from torchvision.datasets import ImageFolder
         if not os.path.isdir(root):
-            raise FileNotFoundError(f"data folder not found: {root} (pass --data synthetic or an "
-                                    f"ImageFolder tree with one sub-folder per class)")
-        self.folder = ImageFolder(root)
+            raise SystemExit(f"error: data folder not found: {root} (pass --data synthetic or an "
+                             f"ImageFolder tree with one sub-folder per class)")
+        try:
+            self.folder = ImageFolder(root)
+        except FileNotFoundError as error:       # no class folders, or no image in any of them
+            raise SystemExit(f"error: --data {root}: {error} (an ImageFolder tree has one sub-folder of images "
+                             f"per class)") from None
         self.image_size = image_size
         self.classes = self.folder.classes
         self.targets = self.folder.targets
@@ -124,14 +166,66 @@ class ImageFolderData(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.folder)
 
-    def __getitem__(self, index):
+    def read(self, index):
         path, label = self.folder.samples[index]
+        return to_tensor(read_image(path, self.image_size)), label
+
+    def __getitem__(self, index):
         try:
-            with Image.open(path) as image:
-                image = image.convert("RGB")
+            return self.read(index)
         except Exception as error:
-            raise RuntimeError(f"cannot read image {path}: {error} (remove or replace the file)") from None
-        return to_tensor(center_crop_resize(image, self.image_size)), label
+            raise RuntimeError(f"cannot read image {self.folder.samples[index][0]}: {error} "
+                               f"(remove or replace the file)") from None
+
+
+class SkipUnreadable(torch.utils.data.Dataset):
+    """ImageFolderData for training: an unreadable image (truncated, empty, not an image,
+    beyond the size limits) is replaced by the next readable one, so the data order stays a
+    function of the step and a resumed run draws the same batches. Items are (image, label,
+    the skipped files as "path: reason" lines); step_loader takes the third part off and logs it."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        skipped = []
+        for i in range(index, index + len(self.dataset)):
+            try:
+                return (*self.dataset.read(i % len(self.dataset)), "\n".join(skipped))
+            except Exception as error:
+                skipped.append(f"{self.dataset.folder.samples[i % len(self.dataset)][0]}: {error}")
+        raise SystemExit(f"error: no image of --data {self.dataset.folder.root} can be read ({skipped[0]})")
+
+
+class ReportUnreadable(torch.utils.data.Dataset):
+    """For commands that must see every image (evaluate.py stats and recon): an unreadable
+    image of an ImageFolderData (or a Subset of one) becomes a blank item carrying its
+    "path: reason", so that the caller can name every unreadable file, not only the first.
+    Items are (image, label, "" or "cannot read image PATH: reason")."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        inner = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
+        self.image_size = inner.image_size
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        try:
+            return (*self.dataset[index], "")
+        except RuntimeError as error:
+            if not str(error).startswith("cannot read image"):
+                raise
+            return torch.zeros(3, self.image_size, self.image_size), -1, str(error)
+
+
+def skipping_unreadable(dataset):
+    """What training reads: an ImageFolderData through SkipUnreadable, any other data set as it is."""
+    return SkipUnreadable(dataset) if isinstance(dataset, ImageFolderData) else dataset
 
 
 def build_dataset(data, image_size, split="train", num_images=10000, seed=0):
@@ -174,9 +268,48 @@ class StepBatchSampler(torch.utils.data.Sampler):
             step = (epoch + 1) * self.steps_per_epoch
 
 
-def step_loader(dataset, batch_size, rank, world_size, seed, start_step, workers, device):
+class StepLoader:
+    """The batches (inputs, labels) of a step_loader. Unreadable images that SkipUnreadable
+    replaced are printed once each, counted (bad_images, summed over ranks for metrics.jsonl),
+    and stop the run with one line when more than max_bad_images of the data set is unreadable."""
+
+    def __init__(self, batches, dataset_size, max_bad_images):
+        self.batches, self.dataset_size, self.max_bad_images = batches, dataset_size, max_bad_images
+        self.bad = {}                                   # "path: reason" -> None, in the order found
+
+    def __next__(self):
+        batch = next(self.batches)
+        if len(batch) == 2:
+            return batch
+        for line in "\n".join(batch[2]).splitlines():
+            if line and line not in self.bad:
+                self.bad[line] = None
+                print(f"skipped unreadable image {line}", flush=True)
+        if len(self.bad) > self.max_bad_images * self.dataset_size:
+            raise SystemExit(f"error: {len(self.bad)} unreadable images (the last: {next(reversed(self.bad))}), more "
+                             f"than --max-bad-images {self.max_bad_images} of {self.dataset_size}; fix the data set "
+                             f"or raise --max-bad-images, then --resume")
+        return batch[0], batch[1]
+
+    def bad_images(self, world_size):
+        """The number of unreadable images found so far by every rank (all ranks call it)."""
+        return round(all_reduce_mean(float(len(self.bad)), world_size) * world_size)
+
+
+def _ignore_stop_signals(worker_id):
+    # Ctrl-C and SLURM's SIGTERM reach the workers too; only the main process handles them (it
+    # stops after the step, then ends the workers). A worker killed first would crash the save.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def step_loader(dataset, batch_size, rank, world_size, seed, start_step, workers, device, max_bad_images=0.0):
     """An endless iterator over this rank's batches from `start_step` on (StepBatchSampler).
+    Images of a folder that cannot be read are skipped (SkipUnreadable, StepLoader).
     Creating it draws the loader's base seed from the global RNG."""
+    dataset = skipping_unreadable(dataset)
     sampler = StepBatchSampler(len(dataset), batch_size, rank, world_size, seed, start_step=start_step)
-    return iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
-                                            pin_memory=device.type == "cuda", persistent_workers=workers > 0))
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
+                                         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                                         worker_init_fn=_ignore_stop_signals if workers > 0 else None)
+    return StepLoader(iter(loader), len(dataset), max_bad_images)

@@ -35,10 +35,11 @@ import torch
 import torch.nn.functional as F
 from scipy import linalg
 
-from data import build_dataset
+from data import ReportUnreadable, build_dataset
 from inception import INCEPTION_FILE, INCEPTION_HELP, INCEPTION_URL, PREPROCESS, download_inception, load_inception
 from tokenizer import encoder_input, load_dinov2, load_stand_in, load_tokenizer
-from training import psnr, save_grid, save_json, save_npz
+from training import (check_writable, non_negative_float, non_negative_int, positive_int, psnr, save_grid, save_json,
+                      save_npz, unit_interval)
 
 
 #################################################################################
@@ -76,13 +77,19 @@ def statistics(features):
 
 def dataset_batches(dataset, batch_size, workers, labels=None):
     """Yields [0, 1] image batches from a data.py data set (items in [-1, 1]); labels,
-    when a list is given, are appended to it."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+    when a list is given, are appended to it. Statistics need every image, so an unreadable
+    one is not skipped: the pass goes on, and at its end one error names every such file."""
+    loader = torch.utils.data.DataLoader(ReportUnreadable(dataset), batch_size=batch_size, num_workers=workers,
                                          pin_memory=torch.cuda.is_available())
-    for images, targets in loader:
+    unreadable = []
+    for images, targets, problems in loader:
+        unreadable += [problem for problem in problems if problem]
         if labels is not None:
             labels.extend(targets.tolist())
         yield (images + 1) / 2
+    if unreadable:
+        raise SystemExit(f"error: {len(unreadable)} of {len(dataset)} images of --data cannot be read (remove or "
+                         f"replace them; the measures need every image): {'; '.join(unreadable)}")
 
 
 #################################################################################
@@ -275,9 +282,18 @@ def npz_image_batches(path, batch_size, key="arr_0"):
         yield torch.from_numpy(batch.copy())
 
 
+def reference_keys(path):
+    """The keys of a --ref npz, or one error line when it holds no usable reference."""
+    keys = npz_keys(path)
+    if "arr_0" not in keys and not {"mu", "sigma"} <= set(keys):
+        raise SystemExit(f"error: --ref {path} holds {sorted(keys)}: neither mu and sigma nor arr_0 images; make it "
+                         f"with `python evaluate.py stats` or pass ADM's reference batch")
+    return keys
+
+
 def reference_preprocess(path):
     """The Inception input mode a reference file's statistics were made with (module doc)."""
-    keys = npz_keys(path)
+    keys = reference_keys(path)
     if "preprocess" in keys:
         with np.load(path) as f:
             return str(f["preprocess"])
@@ -290,7 +306,7 @@ def load_reference(path, model, device, batch_size):
     """Reference statistics and pool features from our stats file, a pytorch-fid file
     (mu, sigma) or an ADM reference batch (arr_0 images and mu, sigma, mu_s, sigma_s).
     Anything missing but computable from arr_0 is computed; what stays missing is None."""
-    keys = npz_keys(path)
+    keys = reference_keys(path)
     ref = {k: None for k in ("mu", "sigma", "mu_s", "sigma_s", "pool")}
     with np.load(path) as f:
         for k in ref:
@@ -501,7 +517,7 @@ def cmd_report(args):
 
 def add_common(parser):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch-size", type=int, default=100, help="images per network call")
+    parser.add_argument("--batch-size", type=positive_int, default=100, help="images per network call")
     parser.add_argument("--out", default=None, help="output file")
 
 
@@ -519,10 +535,10 @@ def add_inception(parser):
 
 
 def add_data(parser):
-    parser.add_argument("--workers", type=int, default=4, help="data loader workers")
+    parser.add_argument("--workers", type=non_negative_int, default=4, help="data loader workers")
     parser.add_argument("--data", required=True, help="'synthetic' or an ImageFolder tree")
     parser.add_argument("--split", default="val", choices=("train", "val"), help="split of the synthetic set")
-    parser.add_argument("--num-images", type=int, default=None,
+    parser.add_argument("--num-images", type=positive_int, default=None,
                         help="use at most this many images, evenly spaced over the set (default: all; "
                              "the synthetic set's size)")
 
@@ -535,19 +551,19 @@ def build_parser():
     add_common(stats)
     add_inception(stats)
     add_data(stats)
-    stats.add_argument("--image-size", type=int, default=256, help="center-crop size (ADM's crop)")
+    stats.add_argument("--image-size", type=positive_int, default=256, help="center-crop size (ADM's crop)")
 
     metrics = commands.add_parser("metrics", help="FID, sFID, IS, precision, recall of a sample batch")
     add_common(metrics)
     add_inception(metrics)
     metrics.add_argument("--samples", required=True, help="npz with arr_0 uint8 (N, H, W, 3)")
     metrics.add_argument("--ref", required=True, help="our stats npz, a pytorch-fid npz or ADM's reference batch")
-    metrics.add_argument("--k", type=int, default=3, help="nearest neighbours for precision/recall (ADM: 3)")
-    metrics.add_argument("--pr-batch-size", type=int, default=10000, help="rows per distance block")
+    metrics.add_argument("--k", type=positive_int, default=3, help="nearest neighbours for precision/recall (ADM: 3)")
+    metrics.add_argument("--pr-batch-size", type=positive_int, default=10000, help="rows per distance block")
     metrics.add_argument("--pr-precision", default="fp16", choices=("fp16", "fp32"),
                          help="precision/recall distances in float16 with a float32 retry where not finite "
                               "(ADM's evaluator), or all in float32")
-    metrics.add_argument("--is-split-size", type=int, default=5000,
+    metrics.add_argument("--is-split-size", type=positive_int, default=5000,
                          help="Inception Score on consecutive chunks of this many samples, the last partial chunk "
                               "included (ADM's evaluator: 5000)")
 
@@ -558,14 +574,15 @@ def build_parser():
     recon.add_argument("--tokenizer", required=True, help="tokenizer checkpoint")
     recon.add_argument("--quantize", action=argparse.BooleanOptionalAction, default=True,
                        help="round reconstructions to 8 bits before the metrics, as saved images would be")
-    recon.add_argument("--dinov2-size", type=int, default=224, help="FD_DINOv2 input size (rounded to the patch size)")
+    recon.add_argument("--dinov2-size", type=positive_int, default=224,
+                       help="FD_DINOv2 input size (rounded to the patch size)")
     recon.add_argument("--dinov2", default="dinov2_vitl14", help="FD_DINOv2 encoder architecture (Stein et al.: ViT-L/14)")
     recon.add_argument("--dinov2-weights", help="official DINOv2 weights for FD_DINOv2 when no Inception weights are "
                                                 "given (default: the tokenizer's own encoder)")
     recon.add_argument("--probe-features", default="mean", choices=("mean", "flatten"),
                        help="linear probe on spatially averaged or flattened latents")
-    recon.add_argument("--probe-holdout", type=float, default=0.2, help="held-out fraction for the probe")
-    recon.add_argument("--probe-ridge", type=float, default=1e-3, help="ridge strength of the probe")
+    recon.add_argument("--probe-holdout", type=unit_interval, default=0.2, help="held-out fraction for the probe")
+    recon.add_argument("--probe-ridge", type=non_negative_float, default=1e-3, help="ridge strength of the probe")
 
     summary = commands.add_parser("report", help="the embedded demo's metrics.json, recon.png and samples.png, "
                                                  "measured with the stage-0 stand-in encoder")
@@ -576,7 +593,7 @@ def build_parser():
     summary.add_argument("--samples", required=True, help="samples.npz of the sample command (arr_0, arr_1)")
     summary.add_argument("--recon-png", required=True, help="where to write originals over reconstructions")
     summary.add_argument("--samples-png", required=True, help="where to write the samples, one row per class")
-    summary.add_argument("--grid-columns", type=int, default=10, help="samples per class in samples.png")
+    summary.add_argument("--grid-columns", type=positive_int, default=10, help="samples per class in samples.png")
     return parser
 
 
@@ -587,8 +604,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.command == "stats" and not args.out:
         raise SystemExit(f"{args.command}: pass --out PATH")
-    if args.command == "metrics" and min(args.is_split_size, args.pr_batch_size, args.k) < 1:
-        raise SystemExit("error: --is-split-size, --pr-batch-size and --k must be positive (ADM: 5000, 10000, 3)")
+    if getattr(args, "out", None):
+        check_writable(args.out)
     if not getattr(args, "allow_tf32", False):
         # TF32 rounds convolution inputs to 10-bit mantissas; keep the features exact
         # float32 so that the numbers compare with pytorch-fid's and ADM's.

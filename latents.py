@@ -13,8 +13,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from data import ReportUnreadable
 from layers import hash_weights
-from training import atomic_path, autocast, barrier, wait_for_files
+from training import atomic_path, autocast, barrier, check_free_space, lock_folder, wait_for_files
 
 
 def tokenizer_fingerprint(tokenizer):
@@ -106,11 +107,18 @@ def cache_latents(tokenizer, dataset, args, rank, world_size, device, expected_k
     done_marks = [f"{temporary}.rank{r}of{world_size}.done" for r in range(world_size)]
     header_path = path.removesuffix(".npy") + ".json"
     if rank == 0:
-        os.makedirs(folder, exist_ok=True)
+        # One builder per cache at a time (two would write one file); other caches in the
+        # folder are free to build. The lock is held until this process ends.
+        lock_folder(folder, "--cache-dir", name=f".latents-{key}.lock")
+        # A memmap that meets a full disk ends in a bus error, not an exception.
+        check_free_space(folder, int(np.prod(shape)) * np.dtype(args.cache_dtype).itemsize, "the latent cache",
+                         "--cache-dir")
         for stale in [header_path] + done_marks:        # left by an interrupted build
             if os.path.exists(stale):
                 os.remove(stale)
         np.lib.format.open_memmap(temporary, mode="w+", dtype=args.cache_dtype, shape=shape).flush()
+        with open(temporary, "r+b") as f:    # reserve the blocks now, not at the first write into a hole
+            os.posix_fallocate(f.fileno(), 0, os.path.getsize(temporary))
     barrier(world_size)                                  # the ranks arrive together: only the cache check ran
     start, end = rank * len(dataset) // world_size, (rank + 1) * len(dataset) // world_size
     data_offset = np.load(temporary, mmap_mode="r").offset          # bytes before row 0
@@ -118,10 +126,10 @@ def cache_latents(tokenizer, dataset, args, rank, world_size, device, expected_k
     # Plain positioned writes, not a shared memmap: the ranks' blocks meet inside pages,
     # and ranks on other nodes only see whole closed writes on a network file system.
     with open(temporary, "r+b") as cache_file:
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(start, end)),
+        loader = torch.utils.data.DataLoader(ReportUnreadable(torch.utils.data.Subset(dataset, range(start, end))),
                                              batch_size=args.cache_batch_size, num_workers=args.workers)
-        offset = start
-        for images, _ in tqdm(loader, desc=f"encoding latents (rank 0 of {world_size})", disable=rank != 0,
+        offset, unreadable = start, []
+        for images, _, problems in tqdm(loader, desc=f"encoding latents (rank 0 of {world_size})", disable=rank != 0,
                               dynamic_ncols=True):
             images = images.to(device)
             with autocast(device):
@@ -133,6 +141,10 @@ def cache_latents(tokenizer, dataset, args, rank, world_size, device, expected_k
             cache_file.seek(data_offset + offset * row_bytes)
             cache_file.write(np.ascontiguousarray(pairs).data)
             offset += len(pairs)
+            unreadable += [problem for problem in problems if problem]
+    if unreadable:   # every image has a row: name them all, and leave the cache uncommitted
+        raise SystemExit(f"error: {len(unreadable)} images of --data cannot be read (remove or replace them, then "
+                         f"run again): {'; '.join(unreadable)}")
     open(done_marks[rank], "w").close()
     # The ranks' blocks differ by at most one image, but encoding times still vary; the waits
     # go through the file system (wait_for_files), which no process-group timeout cuts short.

@@ -31,8 +31,8 @@ import torch.distributed as dist
 import dit
 from layers import hash_weights
 from tokenizer import load_tokenizer
-from training import (atomic_path, cleanup_distributed, save_grid, save_json, save_npz, setup_distributed,
-                      wait_for_files)
+from training import (StopSignal, atomic_path, check_writable, cleanup_distributed, non_negative_float, positive_float,
+                      positive_int, save_grid, save_json, save_npz, setup_distributed, unit_interval, wait_for_files)
 
 
 #################################################################################
@@ -149,7 +149,7 @@ def merge_shards(shard_paths, out, settings):
                     np.lib.format.write_array(f, array)
 
 
-def write_sample_batch(model, tok, settings, args, rank, world_size, device):
+def write_sample_batch(model, tok, settings, args, rank, world_size, device, stop):
     """The class-balanced npz of --num-samples samples, made shard by shard. Only a start-up
     collective joins the ranks; rank 0 then waits for the others' shards on the file system
     (wait_for_files), so no wait can time out however long a shard takes."""
@@ -166,6 +166,11 @@ def write_sample_batch(model, tok, settings, args, rank, world_size, device):
         save_npz(shard_paths[s], arr_0=np.concatenate([to_uint8(p[0]) for p in parts]),
                  arr_1=np.concatenate([p[1].numpy() for p in parts]))
         print(f"[rank {rank}] shard {s + 1}/{num_shards} done")
+        if stop.name is not None:   # ranks share no step here: each stops after its own shard
+            done = sum(os.path.isfile(p) for p in shard_paths)
+            print(f"stopped by {stop.name}: {done} of {num_shards} shards kept in {folder}; "
+                  f"run the same command again to make the rest", flush=True)
+            return
     if rank == 0:
         wait_for_files(shard_paths, "sample shards")
         merge_shards(shard_paths, args.out, settings)
@@ -190,19 +195,27 @@ def write_grid(model, tok, args, device):
 
 def main(argv=None):
     args = parse_args(argv)
+    check_writable(args.grid or args.out, "--grid" if args.grid else "--out")
+    stop = StopSignal()
     rank, world_size, device = setup_distributed(args.device, timeout=args.dist_timeout)
     set_precision(args.precision)
-    model, checkpoint = dit.load_dit(args.ckpt, use_ema=True)
-    tok_path = args.tokenizer or checkpoint.get("args", {}).get("tokenizer")
-    if not tok_path:
-        raise SystemExit(f"{args.ckpt} names no tokenizer checkpoint; pass --tokenizer PATH")
-    tok = load_tokenizer(tok_path)
+    try:
+        model, checkpoint = dit.load_dit(args.ckpt, use_ema=True)
+        tok_path = args.tokenizer or checkpoint.get("args", {}).get("tokenizer")
+        if not tok_path:
+            raise SystemExit(f"error: {args.ckpt} names no tokenizer checkpoint; pass --tokenizer PATH")
+        tok = load_tokenizer(tok_path)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None
+    if args.cfg_channels is not None and args.cfg_channels > model.config["in_channels"]:
+        raise SystemExit(f"error: --cfg-channels {args.cfg_channels} exceeds the model's {model.config['in_channels']} "
+                         f"latent channels; pass at most that, or leave it out to guide every channel")
     if args.grid:
         if rank == 0:
             write_grid(model.to(device), tok.to(device), args, device)
     else:
         settings = sample_settings(model, checkpoint, tok, args)
-        write_sample_batch(model.to(device), tok.to(device), settings, args, rank, world_size, device)
+        write_sample_batch(model.to(device), tok.to(device), settings, args, rank, world_size, device, stop)
     cleanup_distributed()
 
 
@@ -213,35 +226,32 @@ def parse_args(argv=None):
     parser.add_argument("--out", help="the sample batch npz (ADM's layout)")
     parser.add_argument("--grid", help="instead of --out: a PNG grid, one row per class of --classes")
     parser.add_argument("--classes", type=int, nargs="+", help="classes of the grid (default: the first 10)")
-    parser.add_argument("--per-class", type=int, default=8, help="samples per class row of the grid")
-    parser.add_argument("--num-samples", "--num", dest="num", type=int, default=50000,
+    parser.add_argument("--per-class", type=positive_int, default=8, help="samples per class row of the grid")
+    parser.add_argument("--num-samples", "--num", dest="num", type=positive_int, default=50000,
                         help="number of samples (50 per class for ImageNet); under torchrun spell it "
                              "--num-samples, since torchrun reads --num as its own --numa-binding")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=50, help="model evaluations per sample")
+    parser.add_argument("--steps", type=positive_int, default=50, help="model evaluations per sample")
     parser.add_argument("--method", default="euler", choices=("euler", "heun"))
-    parser.add_argument("--cfg-scale", type=float, default=1.0)
-    parser.add_argument("--cfg-interval", type=float, default=0.1,
+    parser.add_argument("--cfg-scale", type=non_negative_float, default=1.0)
+    parser.add_argument("--cfg-interval", type=unit_interval, default=0.1,
                         help="guide only where the shifted t >= this (LightningDiT, 64 epochs: 0.1; 800: 0.125)")
-    parser.add_argument("--shift", type=float, default=0.3, help="timestep shift s")
-    parser.add_argument("--cfg-channels", type=int, default=None,
+    parser.add_argument("--shift", type=positive_float, default=0.3, help="timestep shift s")
+    parser.add_argument("--cfg-channels", type=positive_int, default=None,
                         help="guide only the first N channels (3: released LightningDiT)")
-    parser.add_argument("--shard-size", type=int, default=1000, help="samples per resumable shard file")
-    parser.add_argument("--batch-size", type=int, default=100, help="samples per network call")
+    parser.add_argument("--shard-size", type=positive_int, default=1000, help="samples per resumable shard file")
+    parser.add_argument("--batch-size", type=positive_int, default=100, help="samples per network call")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "bf16"),
                         help="sampling arithmetic: float32 with TF32 off, float32 with TF32 matmuls and "
                              "convolutions on GPU, or bfloat16 autocast (our choice: fp32, the exact one; "
                              "recorded with the samples)")
-    parser.add_argument("--dist-timeout", type=float, default=600,
+    parser.add_argument("--dist-timeout", type=positive_float, default=600,
                         help="seconds a collective waits for the other ranks under torchrun; only the start-up "
                              "joins the ranks, the shards are awaited on the file system (our choice: NCCL's 600)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if not (args.out or args.grid):
         parser.error("pass --out PATH for a sample batch npz or --grid PATH for a PNG grid")
-    if min(args.num, args.shard_size, args.batch_size, args.steps, args.per_class) < 1 or args.dist_timeout <= 0:
-        parser.error("--num-samples, --shard-size, --batch-size, --steps, --per-class and --dist-timeout "
-                     "must be positive")
     return args
 
 

@@ -459,17 +459,32 @@ _SAFETENSORS_DTYPES = {
 
 def read_safetensors(path):
     """Reads a .safetensors file: an 8-byte little-endian header length, a JSON header
-    naming each tensor's dtype, shape and byte range, then the raw bytes."""
+    naming each tensor's dtype, shape and byte range, then the raw bytes. A file that breaks
+    the format is a ValueError naming the file and the problem, before anything is allocated."""
+    def broken(problem):
+        return ValueError(f"{path} is not a valid safetensors file: {problem} (expected a Hugging Face "
+                          f"model.safetensors; download it again)")
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
         header_len = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_len))
+        if size < 8 or header_len > size - 8:
+            raise broken(f"its header length {header_len} exceeds the file's {size} bytes")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise broken("its header is not JSON") from None
         data = bytearray(f.read())
     state = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
+        if info.get("dtype") not in _SAFETENSORS_DTYPES:
+            raise broken(f"tensor {name} has dtype {info.get('dtype')}, not one of {sorted(_SAFETENSORS_DTYPES)}")
         start, end = info["data_offsets"]
         dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+        if not 0 <= start <= end <= len(data) or (end - start) != math.prod(info["shape"]) * dtype.itemsize:
+            raise broken(f"tensor {name}'s byte range {start}..{end} does not fit its shape {info['shape']} "
+                         f"or the file's {len(data)} data bytes")
         tensor = torch.frombuffer(data, dtype=dtype, offset=start, count=(end - start) // dtype.itemsize) \
             if end > start else torch.empty(0, dtype=dtype)
         state[name] = tensor.reshape(info["shape"]).clone()
@@ -533,14 +548,21 @@ def read_dinov2_weights(path):
     if path.endswith(".safetensors"):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"DINOv2 weight file not found: {path} ({hint})")
-        return official_dinov2_layout(read_safetensors(path))
-    return official_dinov2_layout(read_weights(path, "DINOv2 weight file", hint))
+        return official_dinov2_layout(read_safetensors(path), path)
+    return official_dinov2_layout(read_weights(path, "DINOv2 weight file", hint), path)
 
 
-def official_dinov2_layout(state):
-    """An already loaded DINOv2 state dict in the official key layout (HF ports converted)."""
+def official_dinov2_layout(state, path="the weights"):
+    """An already loaded DINOv2 state dict in the official key layout (HF ports converted);
+    a ValueError when it holds no DINOv2 (a DiT or tokenizer checkpoint, say)."""
     if any(k.startswith(("embeddings.", "dinov2.embeddings.")) for k in state):
-        return convert_hf_dinov2(state)
+        state = convert_hf_dinov2(state)
+    if "patch_embed.proj.weight" not in state:
+        kind = "a train_diffusion.py (LightningDiT) checkpoint" if "model_config" in state else \
+            "a tokenizer checkpoint of stage 1-3" if "tokenizer_config" in state else \
+            f"no DINOv2 weights (keys {sorted(state)[:5]}...)"
+        raise ValueError(f"{path} is {kind}, but DINOv2 encoder weights were expected (an official "
+                         f"dinov2_*_pretrain.pth, a Hugging Face model.safetensors or a stage-0 checkpoint)")
     return state
 
 

@@ -33,9 +33,10 @@ from dit import DIT_NAMES, create_model, drop_labels, flow_loss, sample
 from latents import LatentPairs, cache_latents
 from layers import load_state_dict_strict
 from tokenizer import load_tokenizer
-from training import (MetricsLog, all_finite, autocast, cleanup_distributed, clip_gradients, ema_decay,
-                      gather_rng_states, open_run, save_checkpoint, save_grid, set_rng_state, setup_distributed,
-                      trim_metrics, unwrap, update_ema)
+from training import (MetricsLog, StopSignal, all_finite, autocast, below_one, check_free_space, checkpoint_bytes,
+                      cleanup_distributed, clip_gradients, ema_decay, gather_rng_states, lock_folder,
+                      non_negative_float, non_negative_int, open_run, positive_int, save_checkpoint, save_grid,
+                      set_rng_state, setup_distributed, trim_metrics, unit_interval, unwrap, update_ema)
 
 
 #################################################################################
@@ -79,6 +80,7 @@ def save_samples(ema, tokenizer, noise, labels, args, path):
 
 def main(args):
     # ---- setup -----------------------------------------------------------------
+    stop = StopSignal()
     rank, world_size, device = setup_distributed()
     checkpoint_path, resume = open_run(args, world_size, lambda checkpoint:
                                        None if {"model_config", "latents"} <= set(checkpoint) else
@@ -123,8 +125,9 @@ def main(args):
     preview_noise = torch.randn((len(preview_labels),) + latent_shape,
                                 generator=torch.Generator().manual_seed(args.seed))
     preview_labels, preview_noise = preview_labels.to(device), preview_noise.to(device)
-    if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
+    if rank == 0:   # the lock is held until the process ends
+        lock_folder(args.out, new_file=checkpoint_path if resume is None else None)
+        check_free_space(args.out, checkpoint_bytes(model), "a checkpoint")
         trim_metrics(metrics_path, step)
     if resume is not None:   # last: building the loader above draws its base seed from the RNG
         set_rng_state(resume["rng"][rank])
@@ -175,9 +178,13 @@ def main(args):
             save_samples(ema, tokenizer, preview_noise, preview_labels, args, os.path.join(args.out, "samples.png"))
         if step % args.ckpt_every == 0 and step < args.steps:
             write_checkpoint()
+        if stop.requested(world_size):
+            break
     progress.close()
     write_checkpoint()
-    if rank == 0:
+    if rank == 0 and step < args.steps:
+        stop.report(step, checkpoint_path)
+    elif rank == 0:
         print(f"LightningDiT done: {step} steps, loss {record.get('loss')}, {skipped} skipped (non-finite); "
               f"checkpoint {checkpoint_path}")
     cleanup_distributed()
@@ -194,57 +201,59 @@ def parse_args(argv=None):
     run.add_argument("--out", required=True, help="run folder for checkpoint.pt, metrics.jsonl and samples.png")
     run.add_argument("--resume", action="store_true",
                      help="continue the run in --out from its checkpoint (starts fresh if it has none)")
-    run.add_argument("--steps", type=int, default=3000, help="total steps (the CPU demo: 3000; ImageNet, 64 epochs at "
-                                                             "a global batch of 1024: 80000)")
+    run.add_argument("--steps", type=positive_int, default=3000,
+                     help="total steps (the CPU demo: 3000; ImageNet, 64 epochs at "
+                          "a global batch of 1024: 80000)")
     run.add_argument("--seed", type=int, default=0, help="training seed; also the synthetic data set's seed")
     data = parser.add_argument_group("data and latent cache")
     data.add_argument("--data", default="synthetic", help="'synthetic' (embedded) or an ImageFolder path; "
                                                           "the image size is the tokenizer's")
-    data.add_argument("--num-images", type=int, default=10000, help="size of the synthetic training set")
-    data.add_argument("--batch-size", type=int, default=32, help="per process (ImageNet: 128 on each of 8 GPUs)")
-    data.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    data.add_argument("--num-images", type=positive_int, default=10000, help="size of the synthetic training set")
+    data.add_argument("--batch-size", type=positive_int, default=32,
+                      help="per process (ImageNet: 128 on each of 8 GPUs)")
+    data.add_argument("--workers", type=non_negative_int, default=0, help="data loader worker processes")
     data.add_argument("--cache-dir", help="latent cache folder (default <out>/latents); may be shared by runs")
     data.add_argument("--cache-dtype", default="float16", choices=["float16", "float32"],
                       help="storage type of the cached latents (float16 halves the disk: 42 GB for ImageNet)")
-    data.add_argument("--cache-batch-size", type=int, default=64, help="images per batch when encoding the cache")
+    data.add_argument("--cache-batch-size", type=positive_int, default=64,
+                      help="images per batch when encoding the cache")
     model = parser.add_argument_group("model (in_channels and input_size come from the latents, "
                                       "num_classes from the data set)")
     model.add_argument("--model", default="LightningDiT-B/1", choices=DIT_NAMES, help="size (ImageNet: XL/1)")
-    model.add_argument("--depth", type=int, help="override: number of blocks")
-    model.add_argument("--hidden-size", type=int, help="override: width")
-    model.add_argument("--num-heads", type=int, help="override: attention heads (head dim divisible by 4)")
+    model.add_argument("--depth", type=positive_int, help="override: number of blocks")
+    model.add_argument("--hidden-size", type=positive_int, help="override: width")
+    model.add_argument("--num-heads", type=positive_int, help="override: attention heads (head dim divisible by 4)")
     model.add_argument("--qk-norm", action="store_true", help="RMSNorm on q and k (long runs: avoids NaN losses)")
     optim = parser.add_argument_group("optimisation (LightningDiT's ImageNet recipe)")
-    optim.add_argument("--lr", type=float, default=2e-4, help="constant learning rate")
-    optim.add_argument("--beta1", type=float, default=0.9)
-    optim.add_argument("--beta2", type=float, default=0.95)
-    optim.add_argument("--weight-decay", type=float, default=0.0)
-    optim.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 = no clipping")
-    optim.add_argument("--ema-decay", type=float, default=0.9999)
-    optim.add_argument("--ema-warmup", type=int, default=0,
+    optim.add_argument("--lr", type=non_negative_float, default=2e-4, help="constant learning rate")
+    optim.add_argument("--beta1", type=below_one, default=0.9)
+    optim.add_argument("--beta2", type=below_one, default=0.95)
+    optim.add_argument("--weight-decay", type=non_negative_float, default=0.0)
+    optim.add_argument("--grad-clip", type=non_negative_float, default=1.0, help="max gradient norm; 0 = no clipping")
+    optim.add_argument("--ema-decay", type=unit_interval, default=0.9999)
+    optim.add_argument("--ema-warmup", type=non_negative_int, default=0,
                        help="decay is min(ema_decay, (1+step)/(warmup+step)); 0 = the plain decay (recipe), "
                             "short CPU runs want ~10")
-    optim.add_argument("--label-dropout", type=float, default=0.1, help="probability of the null class (for CFG)")
-    optim.add_argument("--cosine-weight", type=float, default=1.0, help="weight of the velocity cosine term")
+    optim.add_argument("--label-dropout", type=unit_interval, default=0.1,
+                       help="probability of the null class (for CFG)")
+    optim.add_argument("--cosine-weight", type=non_negative_float, default=1.0,
+                       help="weight of the velocity cosine term")
     optim.add_argument("--compile", action="store_true", help="torch.compile the model")
     optim.add_argument("--compile-backend", default="inductor",
                        help="torch.compile backend (aot_eager compiles in seconds, for CPU rehearsals)")
-    optim.add_argument("--max-bad-steps", type=int, default=20,
+    optim.add_argument("--max-bad-steps", type=positive_int, default=20,
                        help="stop after this many non-finite steps in a row (each is skipped and counted; "
                             "our choice)")
     logging = parser.add_argument_group("logging, previews and checkpoints")
-    logging.add_argument("--log-every", type=int, default=100)
-    logging.add_argument("--ckpt-every", type=int, default=1000)
-    logging.add_argument("--sample-every", type=int, default=1000, help="steps between samples.png previews")
-    logging.add_argument("--sample-columns", type=int, default=8, help="samples per class row of the preview")
-    logging.add_argument("--sample-steps", type=int, default=50, help="Euler steps of the preview")
-    logging.add_argument("--sample-cfg-scale", type=float, default=1.0, help="guidance of the preview (1 = none)")
-    logging.add_argument("--sample-cfg-interval", type=float, default=0.1, help="guidance only where t >= this")
+    logging.add_argument("--log-every", type=positive_int, default=100)
+    logging.add_argument("--ckpt-every", type=positive_int, default=1000)
+    logging.add_argument("--sample-every", type=positive_int, default=1000, help="steps between samples.png previews")
+    logging.add_argument("--sample-columns", type=positive_int, default=8, help="samples per class row of the preview")
+    logging.add_argument("--sample-steps", type=positive_int, default=50, help="Euler steps of the preview")
+    logging.add_argument("--sample-cfg-scale", type=non_negative_float, default=1.0,
+                         help="guidance of the preview (1 = none)")
+    logging.add_argument("--sample-cfg-interval", type=unit_interval, default=0.1, help="guidance only where t >= this")
     args = parser.parse_args(argv)
-    if args.grad_clip < 0:
-        parser.error("--grad-clip must be >= 0 (0 = no clipping)")
-    if args.max_bad_steps < 1:
-        parser.error("--max-bad-steps must be at least 1")
     return args
 
 

@@ -30,15 +30,16 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import build_dataset, step_loader
+from data import build_dataset, skipping_unreadable, step_loader
 from layers import load_state_dict_strict
 from losses import (PatchDiscriminator, adaptive_weight, generator_loss, hinge_d_loss, load_lpips,
                     patch_grid_size, semantic_preservation_loss)
 from tokenizer import (AlignTok, EncoderClassifier, load_dinov2, official_dinov2_layout, read_dinov2_weights,
                        stand_in_from_checkpoint)
-from training import (MetricsLog, all_finite, autocast, cleanup_distributed, clip_gradients, ema_decay,
-                      gather_rng_states, load_checkpoint, open_run, psnr, save_checkpoint, save_grid, set_rng_state,
-                      setup_distributed, trim_metrics, unwrap, update_ema)
+from training import (MetricsLog, StopSignal, all_finite, autocast, below_one, check_free_space, checkpoint_bytes,
+                      cleanup_distributed, clip_gradients, ema_decay, gather_rng_states, load_checkpoint, lock_folder,
+                      non_negative_float, non_negative_int, open_run, positive_int, psnr, save_checkpoint, save_grid,
+                      set_rng_state, setup_distributed, trim_metrics, unit_interval, unwrap, update_ema)
 
 
 #################################################################################
@@ -76,14 +77,17 @@ def pretrained_encoder(args):
         return encoder_overrides(args), None
     if not os.path.isfile(path):
         raise SystemExit(f"error: --encoder-weights file not found: {path}")
-    if path.endswith(".safetensors"):
-        return encoder_overrides(args), read_dinov2_weights(path)
-    checkpoint = load_checkpoint(path, "--encoder-weights file", "an official dinov2_*_pretrain.pth, a Hugging "
-                                 "Face model.safetensors or a stage-0 checkpoint")   # read once: DINOv2-L is 1.2 GB
-    if checkpoint.get("stage") == 0:
-        encoder = stand_in_from_checkpoint(checkpoint, path).encoder
-        return encoder.config, encoder.state_dict()
-    return encoder_overrides(args), official_dinov2_layout(checkpoint)
+    try:
+        if path.endswith(".safetensors"):
+            return encoder_overrides(args), read_dinov2_weights(path)
+        checkpoint = load_checkpoint(path, "--encoder-weights file", "an official dinov2_*_pretrain.pth, a Hugging "
+                                     "Face model.safetensors or a stage-0 checkpoint")   # read once: DINOv2-L is 1.2 GB
+        if checkpoint.get("stage") == 0:
+            encoder = stand_in_from_checkpoint(checkpoint, path).encoder
+            return encoder.config, encoder.state_dict()
+        return encoder_overrides(args), official_dinov2_layout(checkpoint, path)
+    except ValueError as error:
+        raise SystemExit(f"error: --encoder-weights: {error}") from None
 
 
 def build_tokenizer(args, init):
@@ -185,10 +189,10 @@ def compute_latent_statistics(tokenizer, dataset, args, rank, world_size, device
     --stats-images unflipped training images, sharded across ranks and summed."""
     count = min(args.stats_images, len(dataset))
     chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))[:count]
-    subset = torch.utils.data.Subset(dataset, chosen[rank::world_size].tolist())
+    subset = torch.utils.data.Subset(skipping_unreadable(dataset), chosen[rank::world_size].tolist())
     loader = torch.utils.data.DataLoader(subset, batch_size=args.batch_size, num_workers=args.workers)
     sums = torch.zeros(3, tokenizer.latent_mean.numel(), dtype=torch.float64, device=device)  # n, sum, squares
-    for images, _ in tqdm(loader, desc="latent statistics", disable=rank != 0, dynamic_ncols=True):
+    for images, *_ in tqdm(loader, desc="latent statistics", disable=rank != 0, dynamic_ncols=True):
         with autocast(device):
             z = tokenizer.encode(images.to(device)).double()       # (N, C, h, w)
         z = z.transpose(0, 1).flatten(1)                           # (C, N*h*w)
@@ -295,6 +299,7 @@ def save_reconstructions(ema, preview, path):
 
 def main(args):
     # ---- setup -----------------------------------------------------------------
+    stop = StopSignal()
     rank, world_size, device = setup_distributed()
     checkpoint_path, resume = open_run(args, world_size, lambda checkpoint:
                                        None if checkpoint.get("stage") == args.stage else
@@ -306,7 +311,8 @@ def main(args):
     # ---- data --------------------------------------------------------------------
     image_size = init["tokenizer_config"]["image_size"] if init is not None else args.image_size
     dataset = build_dataset(args.data, image_size, "train", args.num_images, args.seed)
-    preview_set = build_dataset(args.data, image_size, "val", 8, args.seed) if args.data == "synthetic" else dataset
+    preview_set = build_dataset(args.data, image_size, "val", 8, args.seed) if args.data == "synthetic" else \
+        skipping_unreadable(dataset)
     preview = torch.stack([preview_set[i * (len(preview_set) // 8)][0] for i in range(8)]).to(device)
 
     # ---- model -------------------------------------------------------------------
@@ -324,9 +330,11 @@ def main(args):
         device_ids = [device.index] if device.type == "cuda" else None
         train_model = DDP(train_model, device_ids=device_ids)
         discriminator = DDP(discriminator, device_ids=device_ids) if discriminator is not None else None
-    loader = step_loader(dataset, args.batch_size, rank, world_size, args.seed, step, args.workers, device)
-    if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
+    loader = step_loader(dataset, args.batch_size, rank, world_size, args.seed, step, args.workers, device,
+                         args.max_bad_images)
+    if rank == 0:   # the lock is held until the process ends
+        lock_folder(args.out, new_file=checkpoint_path if resume is None else None)
+        check_free_space(args.out, checkpoint_bytes(model), "a checkpoint")
         trim_metrics(metrics_path, step)
     if resume is not None:  # last: building the loader iterator draws from the global RNG
         set_rng_state(resume["rng"][rank])
@@ -383,14 +391,21 @@ def main(args):
         progress.update(1)
 
         if step % args.log_every == 0 or step == args.steps:
-            record = log.write(stage=args.stage, step=step, skipped=skipped)
+            record = log.write(stage=args.stage, step=step, skipped=skipped, bad_images=loader.bad_images(world_size))
             progress.set_postfix({k: f"{v:.4g}" for k, v in record.items()
                                   if k in ("loss", "psnr", "accuracy") and v is not None})
         if reconstruction is not None and rank == 0 and (step % args.sample_every == 0 or step == args.steps):
             save_reconstructions(ema, preview, os.path.join(args.out, "recon.png"))
         if step % args.ckpt_every == 0 and step < args.steps:
             write_checkpoint()
+        if stop.requested(world_size):
+            break
     progress.close()
+    if step < args.steps:   # stopped by a signal: save and go; the statistics come at the real end
+        write_checkpoint()
+        if rank == 0:
+            stop.report(step, checkpoint_path)
+        return cleanup_distributed()
 
     # ---- latent statistics (every tokenizer stage) and the final checkpoint --------
     if args.stage > 0:
@@ -421,73 +436,85 @@ def parse_args(argv=None):
     stage.add_argument("--out", required=True, help="run folder for checkpoint.pt, metrics.jsonl and recon.png")
     stage.add_argument("--init", help="stages 2 and 3: the previous stage's checkpoint.pt")
     stage.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    stage.add_argument("--steps", type=int, default=1000, help="total optimisation steps of this stage")
+    stage.add_argument("--steps", type=positive_int, default=1000, help="total optimisation steps of this stage")
     stage.add_argument("--seed", type=int, default=0)
     data = parser.add_argument_group("data")
     data.add_argument("--data", default="synthetic", help="'synthetic' (embedded) or an ImageFolder path")
-    data.add_argument("--image-size", type=int, default=32, help="image size (ImageNet: 256)")
-    data.add_argument("--num-images", type=int, default=10000, help="size of the synthetic training set")
-    data.add_argument("--batch-size", type=int, default=32, help="per process (GPU)")
-    data.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    data.add_argument("--image-size", type=positive_int, default=32, help="image size (ImageNet: 256)")
+    data.add_argument("--num-images", type=positive_int, default=10000, help="size of the synthetic training set")
+    data.add_argument("--batch-size", type=positive_int, default=32, help="per process (GPU)")
+    data.add_argument("--max-bad-images", type=unit_interval, default=0.001,
+                      help="share of the data set's images that may be unreadable; each is skipped, named once and "
+                           "counted (bad_images in metrics.jsonl), more stops the run (our choice: 0.001)")
+    data.add_argument("--workers", type=non_negative_int, default=0, help="data loader worker processes")
     data.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True,
                       help="random horizontal flips of the training images (our choice)")
     model = parser.add_argument_group("model (stages 0 and 1; later stages take it from --init)")
     model.add_argument("--encoder", default="dinov2_vits14", help="DINOv2 architecture name (ImageNet: dinov2_vitl14)")
     model.add_argument("--encoder-weights", help="official DINOv2 .pth, HF model.safetensors, a stage-0 "
                                                  "checkpoint, or 'random'")
-    model.add_argument("--encoder-depth", type=int, help="override: number of blocks")
-    model.add_argument("--encoder-dim", type=int, help="override: width")
-    model.add_argument("--encoder-heads", type=int, help="override: attention heads")
-    model.add_argument("--encoder-patch", type=int, help="override: patch size")
-    model.add_argument("--encoder-native-size", type=int, help="override: size of the position-embedding grid in px")
-    model.add_argument("--encoder-size", type=int, default=32, help="encoder input size in px (ImageNet: 224)")
-    model.add_argument("--latent-channels", type=int, default=32, help="latent width C (paper: 32; 64 also studied)")
-    model.add_argument("--adapter-hidden", type=int, help="adapter hidden width (our choice: the encoder width)")
-    model.add_argument("--decoder-width", type=int, default=128)
-    model.add_argument("--decoder-multipliers", type=int, nargs="+", default=[1, 1, 2, 2, 4])
-    model.add_argument("--decoder-res-blocks", type=int, default=2)
+    model.add_argument("--encoder-depth", type=positive_int, help="override: number of blocks")
+    model.add_argument("--encoder-dim", type=positive_int, help="override: width")
+    model.add_argument("--encoder-heads", type=positive_int, help="override: attention heads")
+    model.add_argument("--encoder-patch", type=positive_int, help="override: patch size")
+    model.add_argument("--encoder-native-size", type=positive_int,
+                       help="override: size of the position-embedding grid in px")
+    model.add_argument("--encoder-size", type=positive_int, default=32, help="encoder input size in px (ImageNet: 224)")
+    model.add_argument("--latent-channels", type=positive_int, default=32,
+                       help="latent width C (paper: 32; 64 also studied)")
+    model.add_argument("--adapter-hidden", type=positive_int,
+                       help="adapter hidden width (our choice: the encoder width)")
+    model.add_argument("--decoder-width", type=positive_int, default=128)
+    model.add_argument("--decoder-multipliers", type=positive_int, nargs="+", default=[1, 1, 2, 2, 4])
+    model.add_argument("--decoder-res-blocks", type=non_negative_int, default=2)
     optim = parser.add_argument_group("optimisation (our choices; the paper publishes none)")
-    optim.add_argument("--lr", type=float, default=1e-4, help="adapter / decoder (stage 0: the whole encoder)")
-    optim.add_argument("--encoder-lr", type=float, default=1e-5, help="DINOv2 in stage 2")
-    optim.add_argument("--beta1", type=float, default=0.9)
-    optim.add_argument("--beta2", type=float, default=0.95)
-    optim.add_argument("--weight-decay", type=float, default=0.0)
-    optim.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 = no clipping")
-    optim.add_argument("--ema-decay", type=float, default=0.999)
-    optim.add_argument("--ema-warmup", type=int, default=10, help="decay is min(ema_decay, (1+step)/(warmup+step))")
+    optim.add_argument("--lr", type=non_negative_float, default=1e-4,
+                       help="adapter / decoder (stage 0: the whole encoder)")
+    optim.add_argument("--encoder-lr", type=non_negative_float, default=1e-5, help="DINOv2 in stage 2")
+    optim.add_argument("--beta1", type=below_one, default=0.9)
+    optim.add_argument("--beta2", type=below_one, default=0.95)
+    optim.add_argument("--weight-decay", type=non_negative_float, default=0.0)
+    optim.add_argument("--grad-clip", type=non_negative_float, default=1.0, help="max gradient norm; 0 = no clipping")
+    optim.add_argument("--ema-decay", type=unit_interval, default=0.999)
+    optim.add_argument("--ema-warmup", type=non_negative_int, default=10,
+                       help="decay is min(ema_decay, (1+step)/(warmup+step))")
     optim.add_argument("--compile", action="store_true", help="torch.compile the model (all but the decoder's "
                                                               "output layers, which the adaptive GAN weight needs)")
     optim.add_argument("--compile-backend", default="inductor",
                        help="torch.compile backend (aot_eager compiles in seconds, for CPU rehearsals)")
-    optim.add_argument("--max-bad-steps", type=int, default=20,
+    optim.add_argument("--max-bad-steps", type=positive_int, default=20,
                        help="stop after this many non-finite steps in a row (each is skipped and counted; "
                             "our choice)")
     loss = parser.add_argument_group("losses")
-    loss.add_argument("--perceptual-weight", type=float, default=1.0,
+    loss.add_argument("--perceptual-weight", type=non_negative_float, default=1.0,
                       help="LPIPS weight; > 0 needs the two files below, 0 turns LPIPS off")
     loss.add_argument("--vgg-weights", help="torchvision's vgg16-397923af.pth for LPIPS")
     loss.add_argument("--lpips-weights", help="lpips' weights/v0.1/vgg.pth (the five linear heads)")
-    loss.add_argument("--disc-weight", type=float, default=0.5, help="generator GAN weight times lambda_adapt; 0 = off")
-    loss.add_argument("--disc-start", type=int, default=20000,
+    loss.add_argument("--disc-weight", type=non_negative_float, default=0.5,
+                      help="generator GAN weight times lambda_adapt; 0 = off")
+    loss.add_argument("--disc-start", type=non_negative_int, default=20000,
                       help="step of this stage at which a new discriminator's GAN term starts (our choice); a "
                            "discriminator carried from --init is trained already and joins at once")
     loss.add_argument("--fresh-discriminator", action="store_true",
                       help="start a new discriminator instead of carrying the previous stage's (our choice: carry)")
-    loss.add_argument("--disc-lr", type=float, default=1e-4)
-    loss.add_argument("--disc-layers", type=int, default=3, help="PatchGAN depth (LDM: 3; needs images >= 32 px)")
-    loss.add_argument("--disc-betas", type=float, nargs=2, default=[0.5, 0.9], help="discriminator AdamW betas (LDM)")
+    loss.add_argument("--disc-lr", type=non_negative_float, default=1e-4)
+    loss.add_argument("--disc-layers", type=positive_int, default=3,
+                      help="PatchGAN depth (LDM: 3; needs images >= 32 px)")
+    loss.add_argument("--disc-betas", type=below_one, nargs=2, default=[0.5, 0.9],
+                      help="discriminator AdamW betas (LDM)")
     loss.add_argument("--disc-norm", default="group", choices=["batch", "group", "none"],
                       help="our choice: group (no batch statistics, so DDP ranks and the real/fake halves do "
                            "not mix); batch is LDM's")
-    loss.add_argument("--sp-weight", type=float, default=1.0, help="w_sp (paper: 1 on ImageNet, 3 on LAION)")
+    loss.add_argument("--sp-weight", type=non_negative_float, default=1.0,
+                      help="w_sp (paper: 1 on ImageNet, 3 on LAION)")
     loss.add_argument("--sp-loss", default="l2", choices=["l2", "cosine"], help="semantic preservation distance")
     loss.add_argument("--sp-placement", default="latent", choices=["latent", "features"],
                       help="on the adapter's latent (paper) or on the encoder features before it (ablation)")
     logging = parser.add_argument_group("logging and checkpoints")
-    logging.add_argument("--log-every", type=int, default=50)
-    logging.add_argument("--sample-every", type=int, default=500)
-    logging.add_argument("--ckpt-every", type=int, default=1000)
-    logging.add_argument("--stats-images", type=int, default=10000, help="images for the latent statistics")
+    logging.add_argument("--log-every", type=positive_int, default=50)
+    logging.add_argument("--sample-every", type=positive_int, default=500)
+    logging.add_argument("--ckpt-every", type=positive_int, default=1000)
+    logging.add_argument("--stats-images", type=positive_int, default=10000, help="images for the latent statistics")
     args = parser.parse_args(argv)
     if args.stage > 1 and args.encoder_weights:
         parser.error(f"--encoder-weights is for stage 1 (and 0); stage {args.stage} takes the encoder from --init")
@@ -495,12 +522,6 @@ def parse_args(argv=None):
         parser.error(f"--perceptual-weight {args.perceptual_weight} needs --vgg-weights (torchvision's "
                      f"vgg16-397923af.pth) and --lpips-weights (lpips' weights/v0.1/vgg.pth); pass both, or "
                      f"--perceptual-weight 0 to train without LPIPS")
-    if args.stats_images < 1:
-        parser.error("--stats-images must be at least 1 (the latent statistics need images)")
-    if args.grad_clip < 0:
-        parser.error("--grad-clip must be >= 0 (0 = no clipping)")
-    if args.max_bad_steps < 1:
-        parser.error("--max-bad-steps must be at least 1")
     return args
 
 

@@ -1,8 +1,8 @@
 """
 What the training, sampling and evaluation scripts share: the torchrun/DDP setup, the one
 EMA helper, the one checkpoint writer, RNG state for exact resume, the metrics log, the
-npz/json writers and image grids. Nothing here holds global state; every function takes
-what it works on.
+npz/json writers and image grids. Nothing here holds global state but the folder locks this
+process holds (lock_folder); every function takes what it works on.
 
 Every file the project writes, and who reads it (torch.save dicts are always read back
 with weights_only=True; every write goes through atomic_path):
@@ -29,11 +29,22 @@ sample.py <out>.npz (arr_0 uint8 images (N, H, W, 3), arr_1 int64 labels, settin
     settings.json (the same JSON) and shard_*.npz.
 evaluate.py stats <out>.npz: mu, sigma, mu_s, sigma_s, pool, preprocess (the Inception input mode).
 metrics.jsonl: one JSON object per logging window (MetricsLog).
+<out>/.lock: the PID of the run that holds the folder (lock_folder); the lock itself is the OS's
+    flock on it, released when that process ends, so the file never needs removing by hand.
+    <cache-dir>/.latents-<key>.lock: the same for the process building that latent cache.
 """
+import argparse
 import contextlib
 import datetime
+import errno
+import fcntl
 import json
+import math
 import os
+import re
+import shutil
+import signal
+import sys
 import time
 
 import numpy as np
@@ -121,6 +132,157 @@ def wait_for_files(paths, what, poll_s=2.0):
 
 
 #################################################################################
+#                        Command-line numbers, checked at parse time             #
+#################################################################################
+
+def _checked(kind, test, wanted):
+    """An argparse type: the number, or argparse's one-line error naming what is wanted."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {wanted}") from None
+        if not math.isfinite(value) or not test(value):    # nan fails every comparison, so it is named
+            raise argparse.ArgumentTypeError(f"{text} is not {wanted}")
+        return value
+    parse.__name__ = wanted
+    return parse
+
+
+positive_int = _checked(int, lambda v: v > 0, "a positive integer")
+non_negative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _checked(float, lambda v: v > 0, "a positive finite number")
+non_negative_float = _checked(float, lambda v: v >= 0, "a finite number >= 0")
+unit_interval = _checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+below_one = _checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+#################################################################################
+#                 Run folders: lock, stale temporaries, stop signals            #
+#################################################################################
+
+_held_locks = {}    # lock path -> lock file of this process: a second main() in one process (tests) reuses it
+
+
+def lock_folder(folder, flag="--out", new_file=None, name=".lock"):
+    """Holds an exclusive OS lock (flock) on <folder>/<name> for the life of this process, so that
+    a second run in the same folder is refused with the holder's PID. The OS drops the lock
+    when the process ends, however it ends, so no stale lock ever needs removing. Creating the
+    lock file is also the start-up check that the folder can be written. Returns the open lock
+    file, which this process keeps until it ends. new_file: a path that must still not exist
+    once the lock is held (a fresh run's checkpoint, which a run that held the folder between
+    this run's start-up checks and its lock may have written)."""
+    key = os.path.realpath(os.path.join(folder, name))
+    if key in _held_locks and not _held_locks[key].closed:
+        return _held_locks[key]
+    try:
+        os.makedirs(folder, exist_ok=True)
+        handle = open(key, "a+")
+    except OSError as error:
+        raise SystemExit(f"error: cannot write to {flag} {folder} ({error.strerror}); choose a writable folder") \
+            from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise SystemExit(f"error: {folder} is in use by another process (PID {holder}); wait for it to end or "
+                         f"choose another {flag} (nothing was written)") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    if new_file is not None and os.path.exists(new_file):
+        raise SystemExit(f"error: {new_file} was written by another run while this one started; pass --resume to "
+                         f"continue it or choose another {flag} (nothing was overwritten)")
+    remove_stale_temporaries(folder)
+    _held_locks[key] = handle
+    return handle
+
+
+def check_writable(path, flag="--out"):
+    """One error line at start-up, before any work, when the folder of an output file cannot
+    be written (a probe file is created there and removed)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".probe.tmp{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as error:
+        raise SystemExit(f"error: cannot write {flag} {path} ({error.strerror}); choose a writable place") from None
+
+
+def check_free_space(folder, needed, what, flag="--out"):
+    """One error line at start-up when `folder` has less free space than `needed` bytes for `what`."""
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise SystemExit(f"error: {what} needs {needed / 2 ** 30:.2f} GiB in {folder}, which has {free / 2 ** 30:.2f} "
+                         f"GiB free; free space or choose another {flag}")
+
+
+def checkpoint_bytes(model):
+    """About what a checkpoint of `model` takes: the weights, their EMA and AdamW's two moments."""
+    return 4 * sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:      # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder):
+    """Removes the atomic_path temporaries (.NAME.tmpPID.EXT) of processes that are gone:
+    what a killed write left behind. A living process's temporary is its write in progress."""
+    for name in os.listdir(folder):
+        match = re.fullmatch(r"\..+\.tmp(\d+)(\.\w+)?", name)
+        if match and not _alive(int(match.group(1))):
+            os.remove(os.path.join(folder, name))
+
+
+class StopSignal:
+    """SIGTERM (preemption by SLURM or Kubernetes) and SIGINT (Ctrl-C) ask the loop to stop
+    after its current step, so that it can save and exit cleanly, instead of killing it. A
+    second signal stops at once: its exception unwinds through atomic_path, which removes the
+    partial file, so the previous checkpoint stays whole."""
+
+    # torchrun forwards the signal it gets to its workers, so a job whose scheduler signals
+    # every process (SLURM does) delivers one stop request twice within milliseconds: a repeat
+    # inside this window is that echo, not a second request.
+    ECHO_SECONDS = 2.0
+
+    def __init__(self):
+        self.name, self.time = None, None
+        for number in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(number, self._handle)
+
+    def _handle(self, number, frame):
+        name = signal.Signals(number).name
+        if self.name is not None and time.monotonic() - self.time < self.ECHO_SECONDS:
+            return
+        if self.name is not None:
+            raise SystemExit(f"error: second {name}: stopped at once; the last complete checkpoint is kept")
+        self.name, self.time = name, time.monotonic()
+        print(f"\n{name}: finishing the current step, then saving (send it again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    def requested(self, world_size):
+        """True on every rank once any rank got a signal (one all-reduce), so that all ranks
+        stop at the same step even when the signals arrive at different moments."""
+        return all_reduce_mean(float(self.name is not None), world_size) > 0
+
+    def report(self, step, path):
+        print(f"stopped by {self.name or 'a signal on another rank'} at step {step}; saved {path}. "
+              f"Continue with the same command plus --resume", flush=True)
+
+
+#################################################################################
 #                                     EMA                                       #
 #################################################################################
 
@@ -148,18 +310,43 @@ def ema_decay(step, decay, warmup):
 #                           Checkpoints (atomic) and RNG                        #
 #################################################################################
 
+def _fsync(path):
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _mount_point(path):
+    while not os.path.ismount(path):
+        path = os.path.dirname(path)
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yields a temporary path beside `path` to write to; on success renames it over
     `path`, so a crash leaves the old file or the new one, never half of one. The
-    temporary keeps the extension, for writers that choose the format by it."""
+    temporary keeps the extension, for writers that choose the format by it. The data is
+    fsynced before the rename and the folder after it: without that, a power loss can leave
+    the new name pointing at an empty file. A full disk ends in one line, the old file kept."""
     folder, name = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     stem, extension = os.path.splitext(name)
     temporary = os.path.join(folder, f".{stem}.tmp{os.getpid()}{extension}")
     try:
         yield temporary
+        _fsync(temporary)
         os.replace(temporary, path)
+        _fsync(folder)
+    except (OSError, RuntimeError) as error:
+        # torch.save reports a full disk as a RuntimeError without the errno ("unexpected pos"),
+        # so a failed write on a disk that is (nearly) full is taken for one
+        if getattr(error, "errno", None) == errno.ENOSPC or shutil.disk_usage(folder).free < 2 ** 24:
+            raise SystemExit(f"error: no space left on {_mount_point(folder)} writing {path}; the previous "
+                             f"file (if any) is kept, free some space and run again") from None
+        raise
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
@@ -181,8 +368,8 @@ def load_checkpoint(path, what="checkpoint", hint="check the path"):
 # Flags that may differ when a run is resumed: they change how long it runs, what it logs
 # and how fast, never the data order, the RNG stream or the loss. Everything else must match.
 RESUME_MAY_CHANGE = {"steps", "resume", "out", "log_every", "sample_every", "ckpt_every", "workers", "compile",
-                     "compile_backend", "max_bad_steps", "cache_dir", "cache_batch_size", "stats_images",
-                     "sample_columns", "sample_steps", "sample_cfg_scale", "sample_cfg_interval"}
+                     "compile_backend", "max_bad_steps", "max_bad_images", "cache_dir", "cache_batch_size",
+                     "stats_images", "sample_columns", "sample_steps", "sample_cfg_scale", "sample_cfg_interval"}
 PATH_FLAGS = {"init", "data", "tokenizer", "encoder_weights", "vgg_weights", "lpips_weights"}
 
 
@@ -260,9 +447,16 @@ def trim_metrics(path, step):
     if not os.path.exists(path):
         return
     with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        lines = [line for line in f if line.strip()]
+    if lines:
+        try:
+            json.loads(lines[-1])
+        except json.JSONDecodeError:    # the process died while appending it
+            print(f"note: dropped the torn last line of {path} (its run was killed while writing it)")
+            lines.pop()
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
     with atomic_path(path) as temporary, open(temporary, "w") as f:
-        f.writelines(kept)
+        f.writelines(line if line.endswith("\n") else line + "\n" for line in kept)
 
 
 class MetricsLog:

@@ -57,7 +57,8 @@ def test_two_ranks_build_one_cache_without_a_merge(tmp_path):
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-3000:]
     [two] = glob.glob(str(tmp_path / "two" / "latents-*.npy"))
-    assert sorted(os.listdir(tmp_path / "two")) == sorted([os.path.basename(two), os.path.basename(two)[:-4] + ".json"])
+    assert sorted(os.listdir(tmp_path / "two")) == sorted([os.path.basename(two), os.path.basename(two)[:-4] + ".json",
+                                                           f".{os.path.basename(two)[:-4]}.lock"])   # the builder's lock
 
     args = argparse.Namespace(**settings, out=str(tmp_path / "run"), cache_dir=str(tmp_path / "one"))
     one, _ = cache_latents(load_tokenizer(tok_path), build_dataset("synthetic", 32, "train", 16, 0), args, 0, 1,
