@@ -71,6 +71,15 @@ def barrier(world_size):
         dist.barrier()
 
 
+def gradient_sync(model, last):
+    """Where a step's micro-batch runs (forward and backward) under --grad-accum: DDP
+    all-reduces the gradients only on the last one; the inner ones accumulate locally
+    (no_sync), so accumulation costs one all-reduce per optimiser step."""
+    if last or not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
 def cleanup_distributed():
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -180,8 +189,8 @@ def load_checkpoint(path, what="checkpoint", hint="check the path"):
 # Flags that may differ when a run is resumed: they change how long it runs, what it logs
 # and how fast, never the data order, the RNG stream or the loss. Everything else must match.
 RESUME_MAY_CHANGE = {"steps", "resume", "out", "log_every", "sample_every", "ckpt_every", "workers", "compile",
-                     "compile_backend", "max_bad_steps", "cache_dir", "cache_batch_size", "stats_images",
-                     "sample_columns", "sample_steps", "sample_cfg_scale", "sample_cfg_interval"}
+                     "compile_backend", "grad_checkpoint", "max_bad_steps", "cache_dir", "cache_batch_size",
+                     "stats_images", "sample_columns", "sample_steps", "sample_cfg_scale", "sample_cfg_interval"}
 PATH_FLAGS = {"init", "data", "tokenizer", "encoder_weights", "vgg_weights", "lpips_weights"}
 
 
