@@ -201,7 +201,7 @@ def peak_rss(model, batch_size, grad_checkpoint):
                "--batch-size", str(batch_size)] + (["--grad-checkpoint"] if grad_checkpoint else [])
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if result.returncode != 0:
-        raise RuntimeError(result.stderr[-2000:])
+        raise RuntimeError(result.stderr[-2000:] or f"exit {result.returncode} (killed for memory?)")
     return int(result.stdout.split()[-1])
 
 
@@ -210,10 +210,14 @@ def memory_rows(model, label):
     fits 24 GB extrapolated linearly from the two."""
     rows = []
     for checkpointing in (False, True):
-        one, two = peak_rss(model, 1, checkpointing), peak_rss(model, 2, checkpointing)
+        flag = " --grad-checkpoint" if checkpointing else ""
+        try:
+            one, two = peak_rss(model, 1, checkpointing), peak_rss(model, 2, checkpointing)
+        except RuntimeError as error:       # out of memory, most likely: the row says so, the table goes on
+            rows.append((f"peak RSS, {label}, batch 1{flag}", "failed", str(error).splitlines()[-1][:200]))
+            continue
         per_image = max(two - one, 1)
         fits = int((24e9 - one) // per_image) + 1 if one <= 24e9 else 0
-        flag = " --grad-checkpoint" if checkpointing else ""
         rows.append((f"peak RSS, {label}, batch 1{flag}", f"{one / 1e9:.2f} GB",
                      f"batch 2: {two / 1e9:.2f} GB; largest batch in 24 GB ~{fits} (linear from batch 1 and 2)"))
     return rows
