@@ -349,9 +349,9 @@ def run_scripts(commands, timeout=600):
     results = []
     for process in processes:
         _, stderr = process.communicate(timeout=timeout)
-        lines = [line for line in stderr.splitlines() if line.strip()]
+        lines = [line for line in stderr.splitlines() if "rror" in line] or stderr.splitlines()  # past tqdm's lines
         results.append("ok" if process.returncode == 0 else
-                       "error: " + (lines[-1] if lines else f"exit {process.returncode}"))
+                       "error: " + (lines[-1].strip() if lines else f"exit {process.returncode}"))
     return results
 
 
