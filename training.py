@@ -192,6 +192,8 @@ RESUME_MAY_CHANGE = {"steps", "resume", "out", "log_every", "sample_every", "ckp
                      "compile_backend", "grad_checkpoint", "max_bad_steps", "cache_dir", "cache_batch_size",
                      "stats_images", "sample_columns", "sample_steps", "sample_cfg_scale", "sample_cfg_interval"}
 PATH_FLAGS = {"init", "data", "tokenizer", "encoder_weights", "vgg_weights", "lpips_weights"}
+# Flags added after runs were saved without them: such a run had the value given here.
+ADDED_LATER = {"grad_accum": 1}
 
 
 def _comparable(name, value):
@@ -220,7 +222,7 @@ def open_run(args, world_size, kind_check):
     if len(checkpoint["rng"]) != world_size:
         raise SystemExit(f"error: {path} was written by {len(checkpoint['rng'])} process(es), this is {world_size}; "
                          f"resume it with the same (torchrun --nproc_per_node={len(checkpoint['rng'])} ...)")
-    saved, current = checkpoint["args"], vars(args)
+    saved, current = dict(ADDED_LATER, **checkpoint["args"]), vars(args)
     changed = [f"--{name.replace('_', '-')} {current.get(name)!r} (the run has {saved.get(name)!r})"
                for name in sorted(set(saved) | set(current)) if name not in RESUME_MAY_CHANGE
                and _comparable(name, saved.get(name)) != _comparable(name, current.get(name))]

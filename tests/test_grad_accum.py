@@ -58,6 +58,20 @@ def test_tokenizer_accumulation_equals_larger_batch(tmp_path):
     assert len(metrics(tmp_path / "accum")) == 3                   # steps are optimiser steps
 
 
+def test_resume_refuses_another_grad_accum_and_takes_runs_saved_before_the_flag(tmp_path):
+    run = lambda *extra: train_tokenizer.main(train_tokenizer.parse_args(
+        STAGE1 + ["--out", str(tmp_path / "run"), "--batch-size", "4", *extra]))
+    run("--steps", "1")
+    with pytest.raises(SystemExit, match="--grad-accum 2"):
+        run("--steps", "2", "--resume", "--grad-accum", "2")
+    path = tmp_path / "run" / "checkpoint.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["args"]["grad_accum"], checkpoint["args"]["grad_checkpoint"]     # as saved before the flags
+    torch.save(checkpoint, path)
+    run("--steps", "2", "--resume", "--grad-checkpoint")
+    assert torch.load(path, weights_only=True)["step"] == 2
+
+
 def test_two_gloo_processes_accumulating_equal_one_process(tmp_path):
     """2 processes x batch 4 x 2 micro-batches == 1 process x batch 16: the same images in
     each step (flips off: they are drawn per rank), DDP's mean over ranks included."""
