@@ -3,7 +3,7 @@ Where the time goes: training steps, sampling, peak memory and our networks agai
 reference implementations. Every figure is a ratio taken in one process on one machine
 (a shared machine's load moves absolute times, not ratios), printed as one table.
 
-    python bench.py                 # the CPU table (README, Performance); a few minutes on 2 cores
+    python bench.py                 # the CPU table (README, Performance); ~35 min on 2 busy cores
     python bench.py gpu             # the GPU suite: one table, under 8 minutes on one H100
     python bench.py gpu --dry-run   # every piece of the GPU suite started on CPU at tiny sizes (CI)
 
@@ -125,10 +125,9 @@ def dit_step(model, batch_size, device, compiled=False, backend="inductor"):
     return lambda: step(train_model), lambda: step(model)
 
 
-def tokenizer_step(model, stage, batch_size, device, perceptual=None, discriminator=None):
+def tokenizer_step(model, stage, batch_size, device):
     """One train_tokenizer.py generator step of stage 1 (adapter + decoder) or 2 (all, with
-    semantic preservation against a frozen copy); L1 (+ LPIPS, + the GAN term when given,
-    with a fixed weight: the adaptive weight is a few extra gradients at one layer)."""
+    semantic preservation against a frozen copy), with the demo's losses: L1 (and L_sp)."""
     model.requires_grad_(False)
     for name in ("encoder", "adapter", "decoder") if stage == 2 else ("adapter", "decoder"):
         getattr(model, name).requires_grad_(True)
@@ -145,10 +144,6 @@ def tokenizer_step(model, stage, batch_size, device, perceptual=None, discrimina
             reconstruction, z, _ = model(images)
             reconstruction = reconstruction.float()
             loss = (reconstruction - images).abs().mean()
-            if perceptual is not None:
-                loss = loss + perceptual(reconstruction, images).mean()
-            if discriminator is not None:
-                loss = loss - 0.5 * discriminator(reconstruction).mean()
             if reference is not None:
                 with torch.no_grad():
                     z_ref = reference.encode(images)
@@ -414,6 +409,25 @@ def correctness_rows(folder, dry_run):
             zip(names, [stage2_result, dit_result] + results)]
 
 
+def inception_extraction_row(folder, device, dry_run):
+    """Seconds to extract pool3 features of 50K 256 px images from an npz, extrapolated
+    from a subset (read from the file batch by batch, as evaluate.py does)."""
+    count, batch = (8, 4) if dry_run else (5000, 250)
+    path = os.path.join(folder, "images.npz")
+    np.savez(path, arr_0=np.random.default_rng(0).integers(0, 256, (count, 256, 256, 3), dtype=np.uint8))
+    model = load_inception().to(device)
+    start = time.perf_counter()
+    images = np.load(path)["arr_0"]
+    with torch.no_grad():
+        for i in range(0, count, batch):
+            x = torch.from_numpy(images[i:i + batch]).to(device).permute(0, 3, 1, 2).float() / 255
+            model(x)
+    sync()
+    elapsed = time.perf_counter() - start
+    return ("Inception pool3 features of 50K 256 px images from an npz, s", f"{elapsed * 50000 / count:.0f}",
+            f"extrapolated from {count} images in batches of {batch}")
+
+
 def gpu_table(args):
     dry_run = args.dry_run
     device = torch.device("cpu" if dry_run else "cuda")
@@ -460,25 +474,6 @@ def gpu_table(args):
         rows.append(inception_extraction_row(folder, device, dry_run))
     print()
     table(rows)
-
-
-def inception_extraction_row(folder, device, dry_run):
-    """Seconds to extract pool3 features of 50K 256 px images from an npz, extrapolated
-    from a subset (read from the file batch by batch, as evaluate.py does)."""
-    count, batch = (8, 4) if dry_run else (5000, 250)
-    path = os.path.join(folder, "images.npz")
-    np.savez(path, arr_0=np.random.default_rng(0).integers(0, 256, (count, 256, 256, 3), dtype=np.uint8))
-    model = load_inception().to(device)
-    start = time.perf_counter()
-    images = np.load(path)["arr_0"]
-    with torch.no_grad():
-        for i in range(0, count, batch):
-            x = torch.from_numpy(images[i:i + batch]).to(device).permute(0, 3, 1, 2).float() / 255
-            model(x)
-    sync()
-    elapsed = time.perf_counter() - start
-    return ("Inception pool3 features of 50K 256 px images from an npz, s", f"{elapsed * 50000 / count:.0f}",
-            f"extrapolated from {count} images in batches of {batch}")
 
 
 #################################################################################
