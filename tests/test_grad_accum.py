@@ -161,3 +161,17 @@ def test_grad_checkpoint_gives_the_same_gradients(which):
     assert gradients[0].keys() == gradients[1].keys() and len(gradients[0]) > 10
     for name in gradients[0]:
         torch.testing.assert_close(gradients[1][name], gradients[0][name], atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_gan_with_accumulation_and_checkpointing_runs(tmp_path):
+    """Stage 2 with the GAN under --grad-accum (adaptive weight per micro-batch, the
+    discriminator's gradient accumulated too) and --grad-checkpoint on the trained encoder:
+    it runs and logs once per optimiser step."""
+    gan = ["--batch-size", "4", "--disc-weight", "0.5", "--disc-start", "0", "--disc-layers", "2"]
+    train_tokenizer.main(train_tokenizer.parse_args(STAGE1 + gan + ["--out", str(tmp_path / "s1"), "--steps", "1"]))
+    stage2 = ["--stage", "2"] + STAGE1[4:]            # without --encoder-weights (the model comes from --init)
+    train_tokenizer.main(train_tokenizer.parse_args(
+        stage2 + gan + ["--out", str(tmp_path / "s2"), "--init", str(tmp_path / "s1" / "checkpoint.pt"),
+                        "--grad-accum", "2", "--grad-checkpoint", "--stats-images", "8"]))
+    records = metrics(tmp_path / "s2")
+    assert [r["step"] for r in records] == [1, 2, 3] and all(r["d_loss"] is not None for r in records)
