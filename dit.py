@@ -18,6 +18,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from layers import Attention, PatchEmbed, SwiGLU, check_config, constructor_config, load_state_dict_strict, read_weights
 
@@ -176,6 +177,7 @@ class LightningDiT(nn.Module):
         cos, sin = rope_2d(grid, hidden_size // num_heads) if use_rope else (torch.zeros(0), torch.zeros(0))
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.grad_checkpoint = False     # set by --grad-checkpoint; not in the config, it changes no result
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -224,7 +226,12 @@ class LightningDiT(nn.Module):
         c = self.t_embedder(t) + self.y_embedder(y)                    # (N, D)
         rope = (self.rope_cos, self.rope_sin) if self.use_rope else None
         for block in self.blocks:
-            x = block(x, c, rope)                                      # (N, T, D)
+            # Activation checkpointing keeps only each block's input and recomputes the rest
+            # in the backward pass: memory for one more forward.
+            if self.grad_checkpoint and torch.is_grad_enabled():
+                x = checkpoint(block, x, c, rope, use_reentrant=False)  # (N, T, D)
+            else:
+                x = block(x, c, rope)                                  # (N, T, D)
         x = self.final_layer(x, c)                                     # (N, T, p*p*C)
         return self.unpatchify(x)                                      # (N, C, H, W)
 

@@ -16,6 +16,7 @@ import os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from layers import (Attention, PatchEmbed, SwiGLU, check_config, constructor_config, load_state_dict_strict,
                     read_weights)
@@ -114,6 +115,7 @@ class DINOv2(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim), requires_grad=False)
         self.blocks = nn.ModuleList([ViTBlock(embed_dim, num_heads, ffn) for _ in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.grad_checkpoint = False     # set by --grad-checkpoint; not in the config, it changes no result
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -160,7 +162,12 @@ class DINOv2(nn.Module):
         if self.num_register_tokens:
             x = torch.cat((x[:, :1], self.register_tokens.expand(N, -1, -1), x[:, 1:]), dim=1)
         for block in self.blocks:
-            x = block(x)                                           # (N, 1 + R + h*w, D)
+            # Activation checkpointing keeps only each block's input and recomputes the rest
+            # in the backward pass: memory for one more forward.
+            if self.grad_checkpoint and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)       # (N, 1 + R + h*w, D)
+            else:
+                x = block(x)                                       # (N, 1 + R + h*w, D)
         x_norm = self.norm(x)
         R = self.num_register_tokens
         return {

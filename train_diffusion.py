@@ -34,9 +34,10 @@ from latents import LatentPairs, cache_latents
 from layers import load_state_dict_strict
 from tokenizer import load_tokenizer
 from training import (MetricsLog, StopSignal, all_finite, autocast, below_one, check_free_space, checkpoint_bytes,
-                      cleanup_distributed, clip_gradients, ema_decay, gather_rng_states, lock_folder,
+                      cleanup_distributed, clip_gradients, ema_decay, gather_rng_states, gradient_sync, lock_folder,
                       non_negative_float, non_negative_int, open_run, positive_int, save_checkpoint, save_grid,
-                      set_rng_state, setup_distributed, trim_metrics, unit_interval, unwrap, update_ema)
+                      set_rng_state, setup_distributed, stop_if_beyond_repair, trim_metrics, unit_interval, unwrap,
+                      update_ema)
 
 
 #################################################################################
@@ -103,6 +104,7 @@ def main(args):
     # ---- model -------------------------------------------------------------------
     torch.manual_seed(args.seed + rank)            # after the cache, whose building draws from the RNG
     model = build_model(args, latent_shape, num_classes).to(device)
+    model.grad_checkpoint = args.grad_checkpoint
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                                   betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
@@ -118,7 +120,12 @@ def main(args):
     train_model = torch.compile(model, backend=args.compile_backend) if args.compile else model
     if world_size > 1:
         train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
-    loader = step_loader(latents, args.batch_size, rank, world_size, args.seed, step, args.workers, device)
+        if resume is None:   # DDP gave every rank rank 0's initial weights (ranks seed differently); so must the EMA
+            ema.load_state_dict(model.state_dict())
+    # Each step loads this rank's whole share of the global batch, so that the micro-batches
+    # of --grad-accum are the same latents, flips and dropped labels as one larger batch.
+    loader = step_loader(latents, args.batch_size * args.grad_accum, rank, world_size, args.seed, step, args.workers,
+                         device)
     # Preview: fixed noise from its own generator, so previews never move the training RNG.
     rows = min(10, num_classes)
     preview_labels = torch.linspace(0, num_classes - 1, rows).round().long().repeat_interleave(args.sample_columns)
@@ -134,7 +141,7 @@ def main(args):
 
     # ---- checkpoint --------------------------------------------------------------
     def write_checkpoint():
-        gathered = gather_rng_states(world_size, model)
+        gathered = gather_rng_states(world_size, model, ema)
         if rank == 0:
             save_checkpoint({"model_config": unwrap(model).config, "model": unwrap(model).state_dict(),
                              "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
@@ -151,23 +158,28 @@ def main(args):
         flip = torch.rand(pairs.shape[0], device=device) < 0.5        # the flipped image's latent
         x = tokenizer.normalize(torch.where(flip.view(-1, 1, 1, 1), pairs[:, 1], pairs[:, 0]))  # (N, C, h, w)
         labels = drop_labels(labels, args.label_dropout, num_classes)
-        with autocast(device):
-            loss, parts = flow_loss(train_model, x, labels, args.cosine_weight)
+        # --grad-accum micro-batches, each loss divided by their number: the summed gradients
+        # are those of the mean loss over the whole batch.
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss, mse, cosine = 0.0, 0.0, 0.0
+        for k, (x_k, labels_k) in enumerate(zip(x.chunk(args.grad_accum), labels.chunk(args.grad_accum))):
+            with gradient_sync(train_model, last=k == args.grad_accum - 1):
+                with autocast(device):
+                    loss_k, parts = flow_loss(train_model, x_k, labels_k, args.cosine_weight)
+                (loss_k / args.grad_accum).backward()
+            loss = loss + loss_k.detach() / args.grad_accum
+            mse, cosine = mse + parts["mse"] / args.grad_accum, cosine + parts["cosine"] / args.grad_accum
         grad_norm = clip_gradients(model.parameters(), args.grad_clip)
-        if all_finite([loss.detach(), grad_norm], world_size):
+        if all_finite([loss, grad_norm], world_size):
             optimizer.step()
             update_ema(ema, unwrap(model), ema_decay(step, args.ema_decay, args.ema_warmup))
-            log.add(dict(loss=loss, mse=parts["mse"], cosine=parts["cosine"], grad_norm=grad_norm))
+            log.add(dict(loss=loss, mse=mse, cosine=cosine, grad_norm=grad_norm))
             bad_in_a_row = 0
         else:   # no update, the batch is spent; a run of them means the weights are beyond repair
             skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
             log.skip()
-            if bad_in_a_row >= args.max_bad_steps:
-                raise SystemExit(f"error: {bad_in_a_row} non-finite steps in a row at step {step + 1}; stopped without "
-                                 f"saving, {checkpoint_path} holds the last good state (resume it with a lower --lr, "
-                                 f"or with --qk-norm from the start)")
+            stop_if_beyond_repair(bad_in_a_row, args.max_bad_steps, step + 1, checkpoint_path,
+                                  "resume it with a lower --lr, or with --qk-norm from the start")
         step += 1
         progress.update(1)
 
@@ -210,7 +222,10 @@ def parse_args(argv=None):
                                                           "the image size is the tokenizer's")
     data.add_argument("--num-images", type=positive_int, default=10000, help="size of the synthetic training set")
     data.add_argument("--batch-size", type=positive_int, default=32,
-                      help="per process (ImageNet: 128 on each of 8 GPUs)")
+                      help="per process and micro-batch; the global batch is this x processes x --grad-accum "
+                           "(ImageNet: 128 on each of 8 GPUs)")
+    data.add_argument("--grad-accum", type=positive_int, default=1,
+                      help="micro-batches per optimiser step, gradients accumulated (fewer GPUs, same recipe)")
     data.add_argument("--workers", type=non_negative_int, default=0, help="data loader worker processes")
     data.add_argument("--cache-dir", help="latent cache folder (default <out>/latents); may be shared by runs")
     data.add_argument("--cache-dtype", default="float16", choices=["float16", "float32"],
@@ -241,6 +256,8 @@ def parse_args(argv=None):
     optim.add_argument("--compile", action="store_true", help="torch.compile the model")
     optim.add_argument("--compile-backend", default="inductor",
                        help="torch.compile backend (aot_eager compiles in seconds, for CPU rehearsals)")
+    optim.add_argument("--grad-checkpoint", action="store_true",
+                       help="activation checkpointing of the DiT blocks: less memory, one more forward")
     optim.add_argument("--max-bad-steps", type=positive_int, default=20,
                        help="stop after this many non-finite steps in a row (each is skipped and counted; "
                             "our choice)")

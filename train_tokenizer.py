@@ -37,9 +37,10 @@ from losses import (PatchDiscriminator, adaptive_weight, generator_loss, hinge_d
 from tokenizer import (AlignTok, EncoderClassifier, load_dinov2, official_dinov2_layout, read_dinov2_weights,
                        stand_in_from_checkpoint)
 from training import (MetricsLog, StopSignal, all_finite, autocast, below_one, check_free_space, checkpoint_bytes,
-                      cleanup_distributed, clip_gradients, ema_decay, gather_rng_states, load_checkpoint, lock_folder,
-                      non_negative_float, non_negative_int, open_run, positive_int, psnr, save_checkpoint, save_grid,
-                      set_rng_state, setup_distributed, trim_metrics, unit_interval, unwrap, update_ema)
+                      cleanup_distributed, clip_gradients, ema_decay, gather_rng_states, gradient_sync,
+                      load_checkpoint, lock_folder, non_negative_float, non_negative_int, open_run, positive_int, psnr,
+                      save_checkpoint, save_grid, set_rng_state, setup_distributed, stop_if_beyond_repair,
+                      trim_metrics, unit_interval, unwrap, update_ema)
 
 
 #################################################################################
@@ -248,16 +249,22 @@ def tokenizer_loss(args, train_model, model, images, perceptual, reference, disc
     return loss, reconstruction, logs
 
 
-def discriminator_step(discriminator, disc_optimizer, images, reconstruction, device):
-    """One update of the discriminator with the hinge loss, on real and reconstructed
-    images in one call (one forward per step, as DDP expects); returns the loss."""
-    with autocast(device):
-        logits_real, logits_fake = discriminator(torch.cat((images, reconstruction.detach()))).chunk(2)
-        loss = hinge_d_loss(logits_real, logits_fake)
+def discriminator_step(discriminator, disc_optimizer, images, reconstructions, device):
+    """One update of the discriminator with the hinge loss, its gradient accumulated over
+    the step's micro-batches (lists of images and their reconstructions); real and
+    reconstructed images go in one call (one forward per micro-batch, as DDP expects).
+    Returns the loss, averaged over the micro-batches."""
     disc_optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    total = 0.0
+    for k, (real, fake) in enumerate(zip(images, reconstructions)):
+        with gradient_sync(discriminator, last=k == len(images) - 1):
+            with autocast(device):
+                logits_real, logits_fake = discriminator(torch.cat((real, fake.detach()))).chunk(2)
+                loss = hinge_d_loss(logits_real, logits_fake) / len(images)
+            loss.backward()
+        total = total + loss.detach()
     disc_optimizer.step()
-    return loss.detach()
+    return total
 
 
 #################################################################################
@@ -318,6 +325,7 @@ def main(args):
     # ---- model -------------------------------------------------------------------
     model, groups, reference = build_stage(args, init, len(dataset.classes))
     model.to(device)
+    model.encoder.grad_checkpoint = args.grad_checkpoint
     reference = reference.to(device) if reference is not None else None
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     optimizer = torch.optim.AdamW(groups, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
@@ -330,8 +338,12 @@ def main(args):
         device_ids = [device.index] if device.type == "cuda" else None
         train_model = DDP(train_model, device_ids=device_ids)
         discriminator = DDP(discriminator, device_ids=device_ids) if discriminator is not None else None
-    loader = step_loader(dataset, args.batch_size, rank, world_size, args.seed, step, args.workers, device,
-                         args.max_bad_images)
+        if resume is None:   # DDP gave every rank rank 0's initial weights (ranks seed differently); so must the EMA
+            ema.load_state_dict(model.state_dict())
+    # Each step loads this rank's whole share of the global batch, so that the micro-batches
+    # of --grad-accum are the same images, and draw the same flips, as one larger batch.
+    loader = step_loader(dataset, args.batch_size * args.grad_accum, rank, world_size, args.seed, step, args.workers,
+                         device, args.max_bad_images)
     if rank == 0:   # the lock is held until the process ends
         lock_folder(args.out, new_file=checkpoint_path if resume is None else None)
         check_free_space(args.out, checkpoint_bytes(model), "a checkpoint")
@@ -341,7 +353,7 @@ def main(args):
 
     # ---- checkpoint --------------------------------------------------------------
     def write_checkpoint():
-        states = gather_rng_states(world_size, model)
+        states = gather_rng_states(world_size, model, ema)
         if rank != 0:
             return
         config_key = "stand_in_config" if args.stage == 0 else "tokenizer_config"
@@ -364,29 +376,39 @@ def main(args):
             flip = torch.rand(images.shape[0], device=device) < 0.5
             images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
         gan_on = discriminator is not None and args.disc_weight > 0 and step >= gan_start
-        with autocast(device):
-            if args.stage == 0:
-                loss, reconstruction, logs = classifier_loss(train_model, images, labels)
-            else:
-                loss, reconstruction, logs = tokenizer_loss(args, train_model, model, images, perceptual, reference,
-                                                            discriminator if gan_on else None)
+        # --grad-accum micro-batches, each loss divided by their number: the summed gradients
+        # are those of the mean loss over the whole batch. With the GAN, the adaptive weight
+        # is computed per micro-batch, from that micro-batch's own losses.
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        micro_images, micro_labels = images.chunk(args.grad_accum), labels.chunk(args.grad_accum)
+        loss, reconstructions, micro_logs = 0.0, [], []
+        for k, (images_k, labels_k) in enumerate(zip(micro_images, micro_labels)):
+            with gradient_sync(train_model, last=k == args.grad_accum - 1):
+                with autocast(device):
+                    if args.stage == 0:
+                        loss_k, reconstruction, logs_k = classifier_loss(train_model, images_k, labels_k)
+                    else:
+                        loss_k, reconstruction, logs_k = tokenizer_loss(args, train_model, model, images_k, perceptual,
+                                                                        reference, discriminator if gan_on else None)
+                (loss_k / args.grad_accum).backward()
+            loss = loss + loss_k.detach() / args.grad_accum
+            reconstructions.append(reconstruction.detach() if reconstruction is not None else None)
+            micro_logs.append(logs_k)
+        logs = {name: sum(l[name] for l in micro_logs) / args.grad_accum for name in micro_logs[0]}
         logs["grad_norm"] = clip_gradients([p for g in groups for p in g["params"]], args.grad_clip)
         if all_finite([loss, logs["grad_norm"]], world_size):
             optimizer.step()
             update_ema(ema, model, ema_decay(step, args.ema_decay, args.ema_warmup))
             if gan_on:
-                logs["d_loss"] = discriminator_step(discriminator, disc_optimizer, images, reconstruction, device)
+                logs["d_loss"] = discriminator_step(discriminator, disc_optimizer, micro_images, reconstructions,
+                                                    device)
             log.add(dict(logs, loss=loss))
             bad_in_a_row = 0
         else:   # no update, the batch is spent; a run of them means the weights are beyond repair
             skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
             log.skip()
-            if bad_in_a_row >= args.max_bad_steps:
-                raise SystemExit(f"error: {bad_in_a_row} non-finite steps in a row at step {step + 1}; stopped without "
-                                 f"saving, {checkpoint_path} holds the last good state (resume it with a lower --lr "
-                                 f"or --disc-weight, or start again)")
+            stop_if_beyond_repair(bad_in_a_row, args.max_bad_steps, step + 1, checkpoint_path,
+                                  "resume it with a lower --lr or --disc-weight, or start again")
         step += 1
         progress.update(1)
 
@@ -442,7 +464,10 @@ def parse_args(argv=None):
     data.add_argument("--data", default="synthetic", help="'synthetic' (embedded) or an ImageFolder path")
     data.add_argument("--image-size", type=positive_int, default=32, help="image size (ImageNet: 256)")
     data.add_argument("--num-images", type=positive_int, default=10000, help="size of the synthetic training set")
-    data.add_argument("--batch-size", type=positive_int, default=32, help="per process (GPU)")
+    data.add_argument("--batch-size", type=positive_int, default=32,
+                      help="per process (GPU) and micro-batch; the global batch is this x processes x --grad-accum")
+    data.add_argument("--grad-accum", type=positive_int, default=1,
+                      help="micro-batches per optimiser step, gradients accumulated (fewer GPUs, same recipe)")
     data.add_argument("--max-bad-images", type=unit_interval, default=0.001,
                       help="share of the data set's images that may be unreadable; each is skipped, named once and "
                            "counted (bad_images in metrics.jsonl), more stops the run (our choice: 0.001)")
@@ -482,6 +507,8 @@ def parse_args(argv=None):
                                                               "output layers, which the adaptive GAN weight needs)")
     optim.add_argument("--compile-backend", default="inductor",
                        help="torch.compile backend (aot_eager compiles in seconds, for CPU rehearsals)")
+    optim.add_argument("--grad-checkpoint", action="store_true",
+                       help="activation checkpointing of the DINOv2 blocks: less memory, one more forward")
     optim.add_argument("--max-bad-steps", type=positive_int, default=20,
                        help="stop after this many non-finite steps in a row (each is skipped and counted; "
                             "our choice)")

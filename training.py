@@ -83,6 +83,15 @@ def barrier(world_size):
         dist.barrier()
 
 
+def gradient_sync(model, last):
+    """Where a step's micro-batch runs (forward and backward) under --grad-accum: DDP
+    all-reduces the gradients only on the last one; the inner ones accumulate locally
+    (no_sync), so accumulation costs one all-reduce per optimiser step."""
+    if last or not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
 def cleanup_distributed():
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -116,6 +125,14 @@ def all_finite(values, world_size):
     rank whose own loss is inf (with finite gradients) skips the step with the others."""
     finite = float(all(bool(torch.isfinite(torch.as_tensor(v)).all()) for v in values))
     return all_reduce_mean(finite, world_size) == 1
+
+
+def stop_if_beyond_repair(bad_in_a_row, max_bad_steps, step, checkpoint_path, hint):
+    """A run of non-finite steps (each skipped: no update, the batch spent) means the weights
+    are beyond repair: stop without saving, so that checkpoint_path keeps the last good state."""
+    if bad_in_a_row >= max_bad_steps:
+        raise SystemExit(f"error: {bad_in_a_row} non-finite steps in a row at step {step}; stopped without saving, "
+                         f"{checkpoint_path} holds the last good state ({hint})")
 
 
 def wait_for_files(paths, what, poll_s=2.0):
@@ -368,9 +385,12 @@ def load_checkpoint(path, what="checkpoint", hint="check the path"):
 # Flags that may differ when a run is resumed: they change how long it runs, what it logs
 # and how fast, never the data order, the RNG stream or the loss. Everything else must match.
 RESUME_MAY_CHANGE = {"steps", "resume", "out", "log_every", "sample_every", "ckpt_every", "workers", "compile",
-                     "compile_backend", "max_bad_steps", "max_bad_images", "cache_dir", "cache_batch_size",
+                     "compile_backend", "grad_checkpoint", "max_bad_steps", "max_bad_images", "cache_dir",
+                     "cache_batch_size",
                      "stats_images", "sample_columns", "sample_steps", "sample_cfg_scale", "sample_cfg_interval"}
 PATH_FLAGS = {"init", "data", "tokenizer", "encoder_weights", "vgg_weights", "lpips_weights"}
+# Flags added after runs were saved without them: such a run had the value given here.
+ADDED_LATER = {"grad_accum": 1}
 
 
 def _comparable(name, value):
@@ -399,7 +419,7 @@ def open_run(args, world_size, kind_check):
     if len(checkpoint["rng"]) != world_size:
         raise SystemExit(f"error: {path} was written by {len(checkpoint['rng'])} process(es), this is {world_size}; "
                          f"resume it with the same (torchrun --nproc_per_node={len(checkpoint['rng'])} ...)")
-    saved, current = checkpoint["args"], vars(args)
+    saved, current = dict(ADDED_LATER, **checkpoint["args"]), vars(args)
     changed = [f"--{name.replace('_', '-')} {current.get(name)!r} (the run has {saved.get(name)!r})"
                for name in sorted(set(saved) | set(current)) if name not in RESUME_MAY_CHANGE
                and _comparable(name, saved.get(name)) != _comparable(name, current.get(name))]
@@ -409,11 +429,12 @@ def open_run(args, world_size, kind_check):
     return path, checkpoint
 
 
-def gather_rng_states(world_size, model):
-    """Every rank's RNG state, in rank order (all ranks must call it). Also checks that DDP
-    kept the ranks' weights identical (a sum of every parameter, compared on rank 0): a
-    silent divergence would otherwise surface only as a worse model days later."""
-    checksum = sum(p.detach().double().sum().item() for p in model.parameters())
+def gather_rng_states(world_size, *models):
+    """Every rank's RNG state, in rank order (all ranks must call it). Also checks that the
+    ranks' weights are identical, the model's and its EMA's (a sum of every value, compared
+    on rank 0): a silent divergence would otherwise surface only as a worse model days later."""
+    checksum = sum(v.detach().double().sum().item() for m in models for v in m.state_dict().values()
+                   if v.is_floating_point())
     if world_size == 1:
         return [rng_state()]
     gathered = [None] * world_size
