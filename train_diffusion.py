@@ -75,6 +75,22 @@ def save_samples(ema, tokenizer, noise, labels, args, path):
     save_grid(images, path, nrow=args.sample_columns)
 
 
+def accumulate_gradients(train_model, x, labels, args):
+    """Forward and backward of one optimiser step's --grad-accum micro-batches, each loss
+    divided by their number, so that the summed gradients are those of the mean loss over
+    the whole batch; DDP all-reduces once, after the last. Returns the mean loss and the
+    mean of its parts."""
+    loss, parts = 0.0, {}
+    for k, (x_k, labels_k) in enumerate(zip(x.chunk(args.grad_accum), labels.chunk(args.grad_accum))):
+        with gradient_sync(train_model, last=k == args.grad_accum - 1):
+            with autocast(x.device):
+                loss_k, parts_k = flow_loss(train_model, x_k, labels_k, args.cosine_weight)
+            (loss_k / args.grad_accum).backward()
+        loss = loss + loss_k.detach() / args.grad_accum
+        parts = {name: parts.get(name, 0.0) + value / args.grad_accum for name, value in parts_k.items()}
+    return loss, parts
+
+
 #################################################################################
 #                                 Training loop                                 #
 #################################################################################
@@ -158,22 +174,13 @@ def main(args):
         flip = torch.rand(pairs.shape[0], device=device) < 0.5        # the flipped image's latent
         x = tokenizer.normalize(torch.where(flip.view(-1, 1, 1, 1), pairs[:, 1], pairs[:, 0]))  # (N, C, h, w)
         labels = drop_labels(labels, args.label_dropout, num_classes)
-        # --grad-accum micro-batches, each loss divided by their number: the summed gradients
-        # are those of the mean loss over the whole batch.
         optimizer.zero_grad(set_to_none=True)
-        loss, mse, cosine = 0.0, 0.0, 0.0
-        for k, (x_k, labels_k) in enumerate(zip(x.chunk(args.grad_accum), labels.chunk(args.grad_accum))):
-            with gradient_sync(train_model, last=k == args.grad_accum - 1):
-                with autocast(device):
-                    loss_k, parts = flow_loss(train_model, x_k, labels_k, args.cosine_weight)
-                (loss_k / args.grad_accum).backward()
-            loss = loss + loss_k.detach() / args.grad_accum
-            mse, cosine = mse + parts["mse"] / args.grad_accum, cosine + parts["cosine"] / args.grad_accum
+        loss, parts = accumulate_gradients(train_model, x, labels, args)
         grad_norm = clip_gradients(model.parameters(), args.grad_clip)
         if all_finite([loss, grad_norm], world_size):
             optimizer.step()
             update_ema(ema, unwrap(model), ema_decay(step, args.ema_decay, args.ema_warmup))
-            log.add(dict(loss=loss, mse=mse, cosine=cosine, grad_norm=grad_norm))
+            log.add(dict(parts, loss=loss, grad_norm=grad_norm))
             bad_in_a_row = 0
         else:   # no update, the batch is spent; a run of them means the weights are beyond repair
             skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1

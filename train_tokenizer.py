@@ -206,6 +206,17 @@ def compute_latent_statistics(tokenizer, dataset, args, rank, world_size, device
     return mean.float(), std.float()
 
 
+def store_latent_statistics(ema, model, dataset, args, rank, world_size, device):
+    """Computes the latent statistics with the EMA tokenizer and stores them in both. Under
+    fork_rng: the checkpoint must hold the training RNG, so that extending the run with
+    --resume --steps continues exactly as one longer run would."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        mean, std = compute_latent_statistics(ema, dataset, args, rank, world_size, device)
+    for tokenizer in (ema, model):
+        tokenizer.latent_mean.copy_(mean)
+        tokenizer.latent_std.copy_(std)
+
+
 #################################################################################
 #                               One training step                               #
 #################################################################################
@@ -247,6 +258,31 @@ def tokenizer_loss(args, train_model, model, images, perceptual, reference, disc
         critic.requires_grad_(True)
     logs["psnr"] = psnr((reconstruction.detach().clamp(-1, 1) + 1) / 2, (images + 1) / 2).mean()
     return loss, reconstruction, logs
+
+
+def accumulate_gradients(args, train_model, model, images, labels, perceptual, reference, discriminator):
+    """Forward and backward of one optimiser step's --grad-accum micro-batches, each loss
+    divided by their number, so that the summed gradients are those of the mean loss over
+    the whole batch; DDP all-reduces once, after the last. With the GAN the adaptive weight
+    is computed per micro-batch, from that micro-batch's own losses. Returns the mean loss,
+    the mean of each logged term, and the micro-batches with their reconstructions (stage
+    0: None) for the discriminator's step."""
+    micro_images, micro_labels = images.chunk(args.grad_accum), labels.chunk(args.grad_accum)
+    loss, reconstructions, micro_logs = 0.0, [], []
+    for k, (images_k, labels_k) in enumerate(zip(micro_images, micro_labels)):
+        with gradient_sync(train_model, last=k == args.grad_accum - 1):
+            with autocast(images.device):
+                if args.stage == 0:
+                    loss_k, reconstruction, logs_k = classifier_loss(train_model, images_k, labels_k)
+                else:
+                    loss_k, reconstruction, logs_k = tokenizer_loss(args, train_model, model, images_k, perceptual,
+                                                                    reference, discriminator)
+            (loss_k / args.grad_accum).backward()
+        loss = loss + loss_k.detach() / args.grad_accum
+        reconstructions.append(reconstruction.detach() if reconstruction is not None else None)
+        micro_logs.append(logs_k)
+    logs = {name: sum(l[name] for l in micro_logs) / args.grad_accum for name in micro_logs[0]}
+    return loss, logs, micro_images, reconstructions
 
 
 def discriminator_step(discriminator, disc_optimizer, images, reconstructions, device):
@@ -376,25 +412,9 @@ def main(args):
             flip = torch.rand(images.shape[0], device=device) < 0.5
             images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
         gan_on = discriminator is not None and args.disc_weight > 0 and step >= gan_start
-        # --grad-accum micro-batches, each loss divided by their number: the summed gradients
-        # are those of the mean loss over the whole batch. With the GAN, the adaptive weight
-        # is computed per micro-batch, from that micro-batch's own losses.
         optimizer.zero_grad(set_to_none=True)
-        micro_images, micro_labels = images.chunk(args.grad_accum), labels.chunk(args.grad_accum)
-        loss, reconstructions, micro_logs = 0.0, [], []
-        for k, (images_k, labels_k) in enumerate(zip(micro_images, micro_labels)):
-            with gradient_sync(train_model, last=k == args.grad_accum - 1):
-                with autocast(device):
-                    if args.stage == 0:
-                        loss_k, reconstruction, logs_k = classifier_loss(train_model, images_k, labels_k)
-                    else:
-                        loss_k, reconstruction, logs_k = tokenizer_loss(args, train_model, model, images_k, perceptual,
-                                                                        reference, discriminator if gan_on else None)
-                (loss_k / args.grad_accum).backward()
-            loss = loss + loss_k.detach() / args.grad_accum
-            reconstructions.append(reconstruction.detach() if reconstruction is not None else None)
-            micro_logs.append(logs_k)
-        logs = {name: sum(l[name] for l in micro_logs) / args.grad_accum for name in micro_logs[0]}
+        loss, logs, micro_images, reconstructions = accumulate_gradients(
+            args, train_model, model, images, labels, perceptual, reference, discriminator if gan_on else None)
         logs["grad_norm"] = clip_gradients([p for g in groups for p in g["params"]], args.grad_clip)
         if all_finite([loss, logs["grad_norm"]], world_size):
             optimizer.step()
@@ -416,7 +436,7 @@ def main(args):
             record = log.write(stage=args.stage, step=step, skipped=skipped, bad_images=loader.bad_images(world_size))
             progress.set_postfix({k: f"{v:.4g}" for k, v in record.items()
                                   if k in ("loss", "psnr", "accuracy") and v is not None})
-        if reconstruction is not None and rank == 0 and (step % args.sample_every == 0 or step == args.steps):
+        if args.stage > 0 and rank == 0 and (step % args.sample_every == 0 or step == args.steps):
             save_reconstructions(ema, preview, os.path.join(args.out, "recon.png"))
         if step % args.ckpt_every == 0 and step < args.steps:
             write_checkpoint()
@@ -431,13 +451,7 @@ def main(args):
 
     # ---- latent statistics (every tokenizer stage) and the final checkpoint --------
     if args.stage > 0:
-        # Under fork_rng: the checkpoint must hold the training RNG, so that extending the
-        # run with --resume --steps continues exactly as one longer run would.
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            mean, std = compute_latent_statistics(ema, dataset, args, rank, world_size, device)
-        for tokenizer in (ema, model):
-            tokenizer.latent_mean.copy_(mean)
-            tokenizer.latent_std.copy_(std)
+        store_latent_statistics(ema, model, dataset, args, rank, world_size, device)
     write_checkpoint()
     if rank == 0:
         summary = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k in ("loss", "psnr", "accuracy", "sp")
