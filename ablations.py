@@ -25,6 +25,7 @@ import sample
 import train_diffusion
 import train_tokenizer
 from plot import draw_panels
+from training import atomic_path, save_json
 
 
 #################################################################################
@@ -220,7 +221,7 @@ def write_report(results, budget, out):
         # claim "a is worse than b": b must beat a; claim "a is better": a must beat b.
         result = verdict(ours, other, True) if a_is_better else verdict(other, ours, True)
         lines.append(f"| {claim} | {result} | {a}: {cell(ours)}; {b}: {cell(other)} |")
-    with open(os.path.join(out, "results.md"), "w") as f:
+    with atomic_path(os.path.join(out, "results.md")) as temporary, open(temporary, "w") as f:
         f.write("\n".join(lines) + "\n")
 
     panels = []
@@ -234,7 +235,8 @@ def write_report(results, budget, out):
                                low=[min(v) for v in per_step], high=[max(v) for v in per_step],
                                points=[(s, v) for s, vs in zip(steps, per_step) for v in vs]))
         panels.append(dict(title=title, xlabel="LightningDiT training steps", ylabel=key.split("_")[0], series=series))
-    draw_panels(panels, os.path.join(out, "convergence.png"), columns=1)
+    with atomic_path(os.path.join(out, "convergence.png")) as temporary:
+        draw_panels(panels, columns=1).save(temporary)
 
 
 #################################################################################
@@ -260,8 +262,7 @@ def main(argv=None):
             seed_dir = os.path.join(out, f"seed{seed}")
             tokenizer = tokenizer_of(name, seed_dir, budget, seed, log)
             results.setdefault(name, []).append(diffusion_curve(name, tokenizer, seed_dir, budget, seed, log))
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(dict(budget=budget, results=results, wall_seconds=time.time() - start), f, indent=1)
+    save_json(os.path.join(out, "results.json"), dict(budget=budget, results=results, wall_seconds=time.time() - start))
     write_report(results, budget, out)
     print(f"wrote {out}/results.md, results.json and convergence.png ({time.time() - start:.0f} s)")
 

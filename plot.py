@@ -4,14 +4,16 @@ curves.png of every run folder (drawn from its metrics.jsonl at each log line) a
 convergence curves of ablations.py.
 
     panel = dict(title="loss", xlabel="step", ylabel="loss", series=[dict(label="train", x=[...], y=[...])])
-    draw_panels([panel], "curves.png")
+    draw_panels([panel]).save("curves.png")
+
+The functions return PIL images; the callers write them (training.atomic_path, the one
+atomic writer, which plot.py sits below).
 
 A series may carry `low` and `high` lists (a band, e.g. the spread over seeds) and `points`
 (extra (x, y) dots, e.g. single seeds).
 """
 import json
 import math
-import os
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -104,26 +106,23 @@ def draw_panel(draw, left, top, panel, font):
         draw.text((x1 - 126, ly), s["label"], fill="black", font=font, anchor="lm")
 
 
-def draw_panels(panels, path, columns=2):
-    """Draws the panels on a grid and writes the PNG atomically (a reader never sees half)."""
+def draw_panels(panels, columns=2):
+    """The panels drawn on a grid, as a PIL image."""
     columns = min(columns, len(panels))
     rows = math.ceil(len(panels) / columns)
     image = Image.new("RGB", (columns * PANEL_W, rows * PANEL_H), "white")
     draw, font = ImageDraw.Draw(image), ImageFont.load_default(size=12)
     for k, panel in enumerate(panels):
         draw_panel(draw, (k % columns) * PANEL_W, (k // columns) * PANEL_H, panel, font)
-    folder, name = os.path.split(os.path.abspath(path))
-    temporary = os.path.join(folder, f".{name}.tmp{os.getpid()}.png")
-    image.save(temporary)
-    os.replace(temporary, path)
+    return image
 
 
 #################################################################################
 #                           A run folder's curves.png                           #
 #################################################################################
 
-def training_curves(metrics_path, out_path):
-    """curves.png of a run: loss, reconstruction PSNR (or stage 0's accuracy), gradient
+def training_curves(metrics_path):
+    """The image of a run's curves.png: loss, reconstruction PSNR (or stage 0's accuracy), gradient
     norm and skipped steps against the step, from the run's metrics.jsonl."""
     with open(metrics_path) as f:
         records = [json.loads(line) for line in f if line.strip()]
@@ -138,4 +137,4 @@ def training_curves(metrics_path, out_path):
                        series=[dict(label="grad_norm", x=steps, y=column("grad_norm"))]))
     panels.append(dict(title="skipped (non-finite) steps", xlabel="step", ylabel="count",
                        series=[dict(label="skipped", x=steps, y=[r.get("skipped", 0) for r in records])]))
-    draw_panels(panels, out_path)
+    return draw_panels(panels)

@@ -433,8 +433,8 @@ def gather_rng_states(world_size, *models):
     """Every rank's RNG state, in rank order (all ranks must call it). Also checks that the
     ranks' weights are identical, the model's and its EMA's (a sum of every value, compared
     on rank 0): a silent divergence would otherwise surface only as a worse model days later."""
-    checksum = sum(v.detach().double().sum().item() for m in models for v in m.state_dict().values()
-                   if v.is_floating_point())
+    checksum = sum(v.detach().double().sum() for m in models for v in m.state_dict().values()
+                   if v.is_floating_point()).item()              # one device sync, not one per tensor
     if world_size == 1:
         return [rng_state()]
     gathered = [None] * world_size
@@ -519,7 +519,8 @@ class MetricsLog:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             # A picture a student can watch while the run goes on.
-            training_curves(self.path, os.path.join(os.path.dirname(self.path), "curves.png"))
+            with atomic_path(os.path.join(os.path.dirname(self.path), "curves.png")) as temporary:
+                training_curves(self.path).save(temporary)
         self.sums, self.counts, self.steps, self.start = {}, {}, 0, time.time()
         return record
 

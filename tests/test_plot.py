@@ -23,7 +23,7 @@ def test_points_land_where_their_values_say(tmp_path):
                  series=[dict(label="s", x=[0, 5, 5.001, 10], y=[0, 0, 1, 1], color=red,
                               low=[-0.1, -0.1, 0.9, 0.9], high=[0.1, 0.1, 1.1, 1.1])])
     path = tmp_path / "p.png"
-    plot.draw_panels([panel], str(path))
+    plot.draw_panels([panel]).save(path)
     pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
     is_red = (np.abs(pixels - red).sum(-1) < 30)
     ys, xs = np.nonzero(is_red)
@@ -38,7 +38,7 @@ def test_run_curves_from_metrics(tmp_path):
     records = [dict(step=s, loss=1 / s, psnr=10 + s, grad_norm=0.5, skipped=int(s > 2)) for s in (1, 2, 3, 4)]
     records[2]["loss"] = None                                                  # a skipped window
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    plot.training_curves(str(tmp_path / "metrics.jsonl"), str(tmp_path / "curves.png"))
+    plot.training_curves(str(tmp_path / "metrics.jsonl")).save(tmp_path / "curves.png")
     with Image.open(tmp_path / "curves.png") as image:
         assert image.size == (2 * plot.PANEL_W, 2 * plot.PANEL_H)            # loss, psnr, grad norm, skipped
     assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "metrics.jsonl"]
