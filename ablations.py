@@ -18,6 +18,7 @@ import json
 import math
 import os
 import shlex
+import signal
 import time
 
 import evaluate
@@ -66,9 +67,11 @@ BUDGETS = {  # our choice: the demo's schedule with shorter DiT runs, so the swe
 #                               Running commands                                #
 #################################################################################
 
-def run(script, argv, log):
+def run(script, argv, log, done):
     """Runs one command of the pipeline in this process (no interpreter start-up per step),
-    printed first and logged to commands.txt, so that it can be retyped by hand."""
+    printed first and logged to commands.txt, so that it can be retyped by hand. done():
+    whether the command finished its work; a training script stopped by Ctrl-C or SIGTERM
+    saves and returns normally, and the sweep must stop there too."""
     line = shlex.join(["python", script] + argv)
     print(f"$ {line}", flush=True)
     with open(log, "a") as f:
@@ -76,11 +79,17 @@ def run(script, argv, log):
     entry = {"train_tokenizer.py": lambda a: train_tokenizer.main(train_tokenizer.parse_args(a)),
              "train_diffusion.py": lambda a: train_diffusion.main(train_diffusion.parse_args(a)),
              "sample.py": sample.main, "evaluate.py": evaluate.main}[script]
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
         entry(argv)
     except SystemExit as error:
         if error.code not in (None, 0):
             raise SystemExit(f"error: this command failed: {line}\n{error}") from None
+    finally:   # the scripts install their own signal handlers; the next command starts clean
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+    if not done():
+        raise SystemExit(f"stopped during: {line}\nrerun the same ablations.py command to continue from there")
 
 
 def finished(folder, steps):
@@ -98,7 +107,7 @@ def tokenizer_stage(stage, folder, steps, flags, budget, seed, log):
         run("train_tokenizer.py", ["--stage", str(stage), "--out", folder, "--steps", str(steps),
              "--seed", str(seed), "--data", "synthetic", "--image-size", "32", "--encoder-size", "32",
              "--num-images", str(budget["images"]), "--perceptual-weight", "0", "--disc-weight", "0", "--resume",
-             *flags], log)
+             *flags], log, lambda: finished(folder, steps))
     return os.path.join(folder, "checkpoint.pt")
 
 
@@ -139,15 +148,16 @@ def diffusion_curve(name, tokenizer, seed_dir, budget, seed, log):
                 run("train_diffusion.py", ["--tokenizer", tokenizer, "--out", folder, "--steps",
                      str(steps), "--seed", str(seed), "--num-images", str(budget["images"]), *SIZES["dit"].split(),
                      *budget["tiny"].split(), "--sample-every", str(budget["dit"][-1]), "--log-every",
-                     str(max(1, budget["dit"][0] // 5)), "--resume"], log)
+                     str(max(1, budget["dit"][0] // 5)), "--resume"], log, lambda: finished(folder, steps))
             samples = os.path.join(folder, f"samples-{steps}.npz")
             run("sample.py", ["--ckpt", os.path.join(folder, "checkpoint.pt"), "--out", samples,
                  "--num-samples", str(budget["samples"]), "--steps", "50", "--cfg-scale", "3.0", "--cfg-interval",
-                 "0.1", "--batch-size", "100", "--device", "cpu"], log)
+                 "0.1", "--batch-size", "100", "--device", "cpu"], log, lambda: os.path.isfile(samples))
             run("evaluate.py", ["report", "--stand-in", stand_in, "--tokenizer", tokenizer,
                  "--samples", samples, "--data", "synthetic", "--num-images", str(budget["eval_images"]),
                  "--workers", "0", "--device", "cpu", "--recon-png", os.path.join(folder, "recon.png"),
-                 "--samples-png", os.path.join(folder, f"samples-{steps}.png"), "--out", report], log)
+                 "--samples-png", os.path.join(folder, f"samples-{steps}.png"), "--out", report], log,
+                lambda: os.path.isfile(report))
         with open(report) as f:
             reports.append(dict(json.load(f), dit_steps=steps))
     return reports

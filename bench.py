@@ -17,6 +17,7 @@ pytorch-fid) need the test requirements (requirements-dev.txt).
 import argparse
 import copy
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -31,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from dit import create_model, flow_loss, guided_velocity, sample
 from inception import load_inception
 from losses import LPIPS
-from tokenizer import AlignTok, load_dinov2
+from tokenizer import AlignTok, EncoderClassifier, load_dinov2
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # The demo's sizes (run_demo.sh): 32 px images, a 4-block stand-in encoder with 4 px patches,
@@ -40,6 +41,9 @@ DEMO_ENCODER = dict(depth=4, embed_dim=128, num_heads=4, patch_size=4, img_size=
 DEMO_TOKENIZER = dict(latent_channels=16, decoder_width=32, decoder_multipliers=(1, 2, 2), decoder_res_blocks=1,
                       image_size=32, encoder_size=32)
 DEMO_DIT = dict(depth=4, hidden_size=128, num_heads=2)
+# run_demo.sh's batches: stage 0 at 64, stages 1-3 at train_tokenizer.py's default 32, the DiT
+# at 32, sampling at 100. Its step counts are read from run_demo.sh itself (demo_schedule).
+DEMO_BATCHES = dict(stage0=64, tokenizer=32, dit=32, sample=100)
 
 
 #################################################################################
@@ -126,10 +130,11 @@ def dit_step(model, batch_size, device, compiled=False, backend="inductor"):
 
 
 def tokenizer_step(model, stage, batch_size, device):
-    """One train_tokenizer.py generator step of stage 1 (adapter + decoder) or 2 (all, with
-    semantic preservation against a frozen copy), with the demo's losses: L1 (and L_sp)."""
+    """One train_tokenizer.py generator step of stage 1 (adapter + decoder), 2 (all, with
+    semantic preservation against a frozen copy) or 3 (decoder), with the demo's losses: L1
+    (and L_sp)."""
     model.requires_grad_(False)
-    for name in ("encoder", "adapter", "decoder") if stage == 2 else ("adapter", "decoder"):
+    for name in {1: ("adapter", "decoder"), 2: ("encoder", "adapter", "decoder"), 3: ("decoder",)}[stage]:
         getattr(model, name).requires_grad_(True)
     model.encoder.mask_token.requires_grad_(False)
     reference = None
@@ -161,6 +166,20 @@ def demo_tokenizer():
 def vitb_tokenizer():
     """DINOv2-B/14 at 224 px with the default decoder to 256 px (16x16x32 latents)."""
     return AlignTok("dinov2_vitb14", None, latent_channels=32, image_size=256, encoder_size=224)
+
+
+def stand_in_step(batch_size):
+    """One stage-0 step: the stand-in classifier at demo size, cross-entropy, AdamW."""
+    model = EncoderClassifier(load_dinov2("dinov2_vits14", **DEMO_ENCODER).config, 10, DEMO_TOKENIZER["encoder_size"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    images, labels = torch.rand(batch_size, 3, 32, 32) * 2 - 1, torch.randint(0, 10, (batch_size,))
+
+    def step():
+        loss = F.cross_entropy(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
 
 
 def achieved_fraction(step, count, repeats, peak=None):
@@ -291,6 +310,41 @@ def sampling_rows(args, device):
              "ideally close to 2 (one model call on a doubled batch)")]
 
 
+def demo_schedule():
+    """(steps of stages 0, 1, 2, 3 and of the DiT, number of samples) as run_demo.sh has them."""
+    with open(os.path.join(ROOT, "run_demo.sh")) as f:
+        text = f.read()
+    steps = [int(n) for n in re.findall(r'--steps "\$\(steps (\d+)\)"', text)]
+    samples = int(re.search(r"DEMO_SAMPLES:-(\d+)", text).group(1))
+    if len(steps) != 5:
+        raise ValueError(f"run_demo.sh has {len(steps)} training commands, not 5 (stages 0-3 and the DiT)")
+    return steps, samples
+
+
+def demo_work_row():
+    """The demo's counted work (every training step and the sampling; the evaluation is left
+    out) and the time it would take at the float32 matmul FLOP/s measured now: a floor that
+    no overhead fix can go under, only doing less work."""
+    torch.manual_seed(0)
+    cpu = torch.device("cpu")
+    (stage0, stage1, stage2, stage3, dit_steps), samples = demo_schedule()
+    parts = {"stage 0": count_flops(stand_in_step(DEMO_BATCHES["stage0"])) * stage0}
+    for stage, steps in ((1, stage1), (2, stage2), (3, stage3)):
+        parts[f"stage {stage}"] = count_flops(tokenizer_step(demo_tokenizer(), stage, DEMO_BATCHES["tokenizer"],
+                                                             cpu)) * steps
+    model = create_model("LightningDiT-B/1", input_size=8, in_channels=16, num_classes=10, **DEMO_DIT)
+    parts["DiT"] = count_flops(dit_step(model, DEMO_BATCHES["dit"], cpu)[1]) * dit_steps
+    tok, batch = demo_tokenizer().eval(), DEMO_BATCHES["sample"]
+    noise, labels = torch.randn(batch, 16, 8, 8), torch.arange(batch) % 10
+    with torch.no_grad():
+        parts["sampling"] = count_flops(lambda: tok.decode(tok.denormalize(
+            sample(model.eval(), noise, labels, steps=50, cfg_scale=3.0, cfg_interval=0.1)))) * samples / batch
+    total, peak = sum(parts.values()), matmul_flops_per_s()
+    shares = ", ".join(f"{name} {flops / total:.0%}" for name, flops in parts.items())
+    return ("run_demo.sh's counted work, and its time at the fp32 matmul FLOP/s", f"{total / 1e12:.0f} TFLOP",
+            f"{total / peak:.0f} s at {peak / 1e9:.0f} GFLOP/s (goal: 600 s); {shares}")
+
+
 def cpu_table(args):
     device = torch.device("cpu")
     rows = []
@@ -318,6 +372,8 @@ def cpu_table(args):
             print(rows[-1], flush=True)
 
     rows += sampling_rows(args, device)
+    print(rows[-1], flush=True)
+    rows.append(demo_work_row())
     print(rows[-1], flush=True)
     if not args.skip_memory:
         rows += memory_rows("dit-xl", "LightningDiT-XL/1 train step (16x16x32)")

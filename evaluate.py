@@ -28,6 +28,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import zipfile
 
 import numpy as np
@@ -38,8 +39,8 @@ from scipy import linalg
 from data import ReportUnreadable, build_dataset
 from inception import INCEPTION_FILE, INCEPTION_HELP, INCEPTION_URL, PREPROCESS, download_inception, load_inception
 from tokenizer import encoder_input, load_dinov2, load_stand_in, load_tokenizer
-from training import (check_writable, non_negative_float, non_negative_int, positive_int, psnr, save_grid, save_json,
-                      save_npz, unit_interval)
+from training import (check_writable, input_path, non_negative_float, non_negative_int, positive_int, psnr,
+                      read_or_exit, save_grid, save_json, save_npz, unit_interval)
 
 
 #################################################################################
@@ -443,7 +444,7 @@ def report(results, out):
 
 
 def cmd_recon(args):
-    tok = load_tokenizer(args.tokenizer).to(args.device)
+    tok = read_or_exit(load_tokenizer, args.tokenizer, "--tokenizer").to(args.device)
     inception = inception_from_args(args, "rFID", "pytorch-fid" if args.preprocess == "auto" else args.preprocess)
     if inception is not None:
         name, fn = "rfid", inception
@@ -492,8 +493,8 @@ def cmd_report(args):
     stage-0 stand-in encoder's features (no Inception or DINOv2 weights needed), the
     latents' linear probe, and how often the stand-in classifier sees in a sample the
     class it was conditioned on. Writes metrics.json, recon.png and samples.png."""
-    classifier = load_stand_in(args.stand_in).to(args.device)
-    tok = load_tokenizer(args.tokenizer).to(args.device)
+    classifier = read_or_exit(load_stand_in, args.stand_in, "--stand-in").to(args.device)
+    tok = read_or_exit(load_tokenizer, args.tokenizer, "--tokenizer").to(args.device)
     measured = measure_reconstructions(tok, data_from_args(args, tok.image_size), args,
                                        {"stand_in": lambda images: classifier.features(2 * images - 1)},
                                        grid_path=args.recon_png)
@@ -522,10 +523,11 @@ def add_common(parser):
 
 
 def add_inception(parser):
-    parser.add_argument("--inception-weights", default=None,
+    parser.add_argument("--inception-weights", default=None, type=input_path(),
                         help=f"pytorch-fid's {INCEPTION_FILE} (from {INCEPTION_URL})")
     parser.add_argument("--download", action="store_true",
-                        help="download the Inception weights into the torch hub cache if --inception-weights is not given")
+                        help="download the Inception weights into the torch hub cache if --inception-weights is not "
+                             "given")
     parser.add_argument("--preprocess", default="auto", choices=("auto",) + PREPROCESS,
                         help="Inception input: adm (TF1 bilinear resize of 0..255 pixels, ADM's evaluator) or "
                              "pytorch-fid; auto: metrics follows its reference (adm for ADM's reference batches), "
@@ -536,7 +538,8 @@ def add_inception(parser):
 
 def add_data(parser):
     parser.add_argument("--workers", type=non_negative_int, default=4, help="data loader workers")
-    parser.add_argument("--data", required=True, help="'synthetic' or an ImageFolder tree")
+    parser.add_argument("--data", required=True, type=input_path("synthetic"),
+                        help="'synthetic' or an ImageFolder tree")
     parser.add_argument("--split", default="val", choices=("train", "val"), help="split of the synthetic set")
     parser.add_argument("--num-images", type=positive_int, default=None,
                         help="use at most this many images, evenly spaced over the set (default: all; "
@@ -556,8 +559,9 @@ def build_parser():
     metrics = commands.add_parser("metrics", help="FID, sFID, IS, precision, recall of a sample batch")
     add_common(metrics)
     add_inception(metrics)
-    metrics.add_argument("--samples", required=True, help="npz with arr_0 uint8 (N, H, W, 3)")
-    metrics.add_argument("--ref", required=True, help="our stats npz, a pytorch-fid npz or ADM's reference batch")
+    metrics.add_argument("--samples", required=True, type=input_path(), help="npz with arr_0 uint8 (N, H, W, 3)")
+    metrics.add_argument("--ref", required=True, type=input_path(),
+                         help="our stats npz, a pytorch-fid npz or ADM's reference batch")
     metrics.add_argument("--k", type=positive_int, default=3, help="nearest neighbours for precision/recall (ADM: 3)")
     metrics.add_argument("--pr-batch-size", type=positive_int, default=10000, help="rows per distance block")
     metrics.add_argument("--pr-precision", default="fp16", choices=("fp16", "fp32"),
@@ -571,14 +575,16 @@ def build_parser():
     add_common(recon)
     add_inception(recon)
     add_data(recon)
-    recon.add_argument("--tokenizer", required=True, help="tokenizer checkpoint")
+    recon.add_argument("--tokenizer", required=True, type=input_path(), help="tokenizer checkpoint")
     recon.add_argument("--quantize", action=argparse.BooleanOptionalAction, default=True,
                        help="round reconstructions to 8 bits before the metrics, as saved images would be")
     recon.add_argument("--dinov2-size", type=positive_int, default=224,
                        help="FD_DINOv2 input size (rounded to the patch size)")
-    recon.add_argument("--dinov2", default="dinov2_vitl14", help="FD_DINOv2 encoder architecture (Stein et al.: ViT-L/14)")
-    recon.add_argument("--dinov2-weights", help="official DINOv2 weights for FD_DINOv2 when no Inception weights are "
-                                                "given (default: the tokenizer's own encoder)")
+    recon.add_argument("--dinov2", default="dinov2_vitl14",
+                       help="FD_DINOv2 encoder architecture (Stein et al.: ViT-L/14)")
+    recon.add_argument("--dinov2-weights", type=input_path(),
+                       help="official DINOv2 weights for FD_DINOv2 when no Inception weights are "
+                            "given (default: the tokenizer's own encoder)")
     recon.add_argument("--probe-features", default="mean", choices=("mean", "flatten"),
                        help="linear probe on spatially averaged or flattened latents")
     recon.add_argument("--probe-holdout", type=unit_interval, default=0.2, help="held-out fraction for the probe")
@@ -588,9 +594,11 @@ def build_parser():
                                                  "measured with the stage-0 stand-in encoder")
     add_common(summary)
     add_data(summary)
-    summary.add_argument("--stand-in", required=True, help="stage-0 checkpoint (stand-in encoder + classifier)")
-    summary.add_argument("--tokenizer", required=True, help="tokenizer checkpoint")
-    summary.add_argument("--samples", required=True, help="samples.npz of the sample command (arr_0, arr_1)")
+    summary.add_argument("--stand-in", required=True, type=input_path(),
+                         help="stage-0 checkpoint (stand-in encoder + classifier)")
+    summary.add_argument("--tokenizer", required=True, type=input_path(), help="tokenizer checkpoint")
+    summary.add_argument("--samples", required=True, type=input_path(),
+                         help="samples.npz of the sample command (arr_0, arr_1)")
     summary.add_argument("--recon-png", required=True, help="where to write originals over reconstructions")
     summary.add_argument("--samples-png", required=True, help="where to write the samples, one row per class")
     summary.add_argument("--grid-columns", type=positive_int, default=10, help="samples per class in samples.png")
@@ -611,7 +619,14 @@ def main(argv=None):
         # float32 so that the numbers compare with pytorch-fid's and ADM's.
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
-    COMMANDS[args.command](args)
+    # Nothing here is worth saving half-way: a signal ends the command at once, and since
+    # every output is written atomically, each is either whole or absent.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        raise SystemExit(f"stopped by a signal: evaluate.py {args.command} wrote nothing unfinished; rerun the "
+                         f"same command") from None
 
 
 if __name__ == "__main__":

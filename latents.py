@@ -58,7 +58,7 @@ def read_cache_header(path, fingerprint, shape):
 
 
 @torch.no_grad()
-def cache_latents(tokenizer, dataset, args, rank, world_size, device, expected_key=None):
+def cache_latents(tokenizer, dataset, args, rank, world_size, device, expected_key=None, stop=None):
     """Returns the path of the latent cache of `dataset` under `tokenizer`, building it if needed.
 
     Layout: <cache-dir>/latents-<key>.npy, an array (N, 2, C, h, w) of --cache-dtype, where
@@ -75,7 +75,9 @@ def cache_latents(tokenizer, dataset, args, rank, world_size, device, expected_k
     place and writes the header last (the header is the commit mark, which the other ranks
     wait for). The cache folder must be visible to every rank.
     expected_key (a resumed run's) stops with an error before anything is encoded if the
-    tokenizer or data differ from the run's.
+    tokenizer or data differ from the run's. stop (a StopSignal): a signal stops the build
+    within one batch, since an ImageNet build takes longer than a scheduler's grace period;
+    the build is not resumable, so the next run starts it again.
     The .npy is memory-mapped for training, so ImageNet's cache (1.28M x 2 x 32 x 16 x 16,
     42 GB in float16) is shared by the ranks through the page cache instead of loaded 8 times.
     """
@@ -142,6 +144,11 @@ def cache_latents(tokenizer, dataset, args, rank, world_size, device, expected_k
             cache_file.write(np.ascontiguousarray(pairs).data)
             offset += len(pairs)
             unreadable += [problem for problem in problems if problem]
+            if stop is not None and stop.name is not None:   # this rank's own signal: no collective here
+                print(f"stopped by {stop.name} while encoding the latent cache ({offset - start} of {end - start} "
+                      f"images of rank {rank}); no training step was lost. Rerun the same command (with --resume "
+                      f"if the run has a checkpoint) to build the cache again", flush=True)
+                raise SystemExit(0)
     if unreadable:   # every image has a row: name them all, and leave the cache uncommitted
         raise SystemExit(f"error: {len(unreadable)} images of --data cannot be read (remove or replace them, then "
                          f"run again): {'; '.join(unreadable)}")

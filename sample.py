@@ -31,8 +31,9 @@ import torch.distributed as dist
 import dit
 from layers import hash_weights
 from tokenizer import load_tokenizer
-from training import (StopSignal, atomic_path, check_writable, cleanup_distributed, non_negative_float, positive_float,
-                      positive_int, save_grid, save_json, save_npz, setup_distributed, unit_interval, wait_for_files)
+from training import (StopSignal, atomic_path, check_writable, cleanup_distributed, input_path, lock_folder,
+                      non_negative_float, positive_float, positive_int, read_or_exit, save_grid, save_json, save_npz,
+                      setup_distributed, unit_interval, wait_for_files)
 
 
 #################################################################################
@@ -108,7 +109,7 @@ def plan_shards(folder, settings, shard_paths, rank, world_size):
     path = os.path.join(folder, "settings.json")
     plan = [None, None]
     if rank == 0:
-        os.makedirs(folder, exist_ok=True)
+        lock_folder(folder, "--out")   # two jobs writing one folder's shards would interleave them
         if not os.path.isfile(path):
             save_json(path, settings)
         with open(path) as f:
@@ -199,14 +200,11 @@ def main(argv=None):
     stop = StopSignal()
     rank, world_size, device = setup_distributed(args.device, timeout=args.dist_timeout)
     set_precision(args.precision)
-    try:
-        model, checkpoint = dit.load_dit(args.ckpt, use_ema=True)
-        tok_path = args.tokenizer or checkpoint.get("args", {}).get("tokenizer")
-        if not tok_path:
-            raise SystemExit(f"error: {args.ckpt} names no tokenizer checkpoint; pass --tokenizer PATH")
-        tok = load_tokenizer(tok_path)
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"error: {error}") from None
+    model, checkpoint = read_or_exit(lambda path: dit.load_dit(path, use_ema=True), args.ckpt, "--ckpt")
+    tok_path = args.tokenizer or checkpoint.get("args", {}).get("tokenizer")
+    if not tok_path:
+        raise SystemExit(f"error: {args.ckpt} names no tokenizer checkpoint; pass --tokenizer PATH")
+    tok = read_or_exit(load_tokenizer, tok_path, "--tokenizer" if args.tokenizer else f"{args.ckpt}'s tokenizer")
     if args.cfg_channels is not None and args.cfg_channels > model.config["in_channels"]:
         raise SystemExit(f"error: --cfg-channels {args.cfg_channels} exceeds the model's {model.config['in_channels']} "
                          f"latent channels; pass at most that, or leave it out to guide every channel")
@@ -221,8 +219,10 @@ def main(argv=None):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", required=True, help="train_diffusion.py checkpoint (its EMA weights are used)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer checkpoint (default: the DiT checkpoint's)")
+    parser.add_argument("--ckpt", required=True, type=input_path(),
+                        help="train_diffusion.py checkpoint (its EMA weights are used)")
+    parser.add_argument("--tokenizer", default=None, type=input_path(),
+                        help="tokenizer checkpoint (default: the DiT checkpoint's)")
     parser.add_argument("--out", help="the sample batch npz (ADM's layout)")
     parser.add_argument("--grid", help="instead of --out: a PNG grid, one row per class of --classes")
     parser.add_argument("--classes", type=int, nargs="+", help="classes of the grid (default: the first 10)")

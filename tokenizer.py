@@ -49,6 +49,13 @@ def encoder_input(images, size):
     return ((images + 1) / 2 - mean) / std
 
 
+def check_encoder_size(encoder_size, patch_size):
+    """Raised when the model is built, not at its first forward pass."""
+    if encoder_size % patch_size:
+        raise ValueError(f"encoder_size {encoder_size} is not a multiple of the encoder's patch size {patch_size} "
+                         f"(--encoder-size, --encoder-patch)")
+
+
 class Mlp(nn.Module):
     def __init__(self, dim, hidden):
         super().__init__()
@@ -354,9 +361,7 @@ class AlignTok(nn.Module):
         super().__init__()
         self.config = config
         self.encoder = load_dinov2(encoder_name, **(encoder_overrides or {}))
-        if encoder_size % self.encoder.patch_size:
-            raise ValueError(f"encoder_size {encoder_size} is not a multiple of the encoder's patch size "
-                             f"{self.encoder.patch_size}")
+        check_encoder_size(encoder_size, self.encoder.patch_size)
         self.image_size, self.encoder_size = image_size, encoder_size
         self.grid_size = (encoder_size // self.encoder.patch_size,) * 2
         upsampling = 2 ** (len(decoder_multipliers) - 1)
@@ -425,6 +430,7 @@ class EncoderClassifier(nn.Module):
         super().__init__()
         self.encoder_size = encoder_size
         self.encoder = DINOv2(**encoder_config)
+        check_encoder_size(encoder_size, self.encoder.patch_size)
         self.head = nn.Linear(2 * self.encoder.embed_dim, num_classes)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)

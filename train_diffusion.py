@@ -34,23 +34,15 @@ from latents import LatentPairs, cache_latents
 from layers import load_state_dict_strict
 from tokenizer import load_tokenizer
 from training import (MetricsLog, StopSignal, all_finite, autocast, below_one, check_free_space, checkpoint_bytes,
-                      cleanup_distributed, clip_gradients, ema_decay, gather_rng_states, gradient_sync, lock_folder,
-                      non_negative_float, non_negative_int, open_run, positive_int, save_checkpoint, save_grid,
-                      set_rng_state, setup_distributed, stop_if_beyond_repair, trim_metrics, unit_interval, unwrap,
-                      update_ema)
+                      cleanup_distributed, clip_gradients, ema_decay, gather_rng_states, gradient_sync, input_path,
+                      lock_folder, non_negative_float, non_negative_int, open_run, positive_int, read_or_exit,
+                      save_checkpoint, save_grid, set_rng_state, setup_distributed, stop_if_beyond_repair, trim_metrics,
+                      unit_interval, unwrap, update_ema)
 
 
 #################################################################################
 #                                    Helpers                                    #
 #################################################################################
-
-def read_tokenizer(path):
-    """The tokenizer, or one error line naming what is wrong with --tokenizer."""
-    try:
-        return load_tokenizer(path)
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"error: --tokenizer: {error}") from None
-
 
 def build_model(args, latent_shape, num_classes):
     """The named LightningDiT with the command line's overrides, sized to the latents."""
@@ -103,12 +95,12 @@ def main(args):
                                        None if {"model_config", "latents"} <= set(checkpoint) else
                                        "is not a train_diffusion.py checkpoint; choose another --out")
     metrics_path = os.path.join(args.out, "metrics.jsonl")
-    tokenizer = read_tokenizer(args.tokenizer).to(device)
+    tokenizer = read_or_exit(load_tokenizer, args.tokenizer, "--tokenizer").to(device)
 
     # ---- data: the latent cache ---------------------------------------------------
     dataset = build_dataset(args.data, tokenizer.image_size, "train", args.num_images, args.seed)
     num_classes = len(dataset.classes)
-    cache_path, cache_key = cache_latents(tokenizer, dataset, args, rank, world_size, device,
+    cache_path, cache_key = cache_latents(tokenizer, dataset, args, rank, world_size, device, stop=stop,
                                           expected_key=None if resume is None else resume["latents"])
     latents = LatentPairs(cache_path, dataset.targets)
     latent_shape = (tokenizer.latent_mean.numel(),) + tuple(tokenizer.grid_size)   # (C, h, w)
@@ -216,7 +208,8 @@ def main(args):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     run = parser.add_argument_group("run")
-    run.add_argument("--tokenizer", required=True, help="tokenizer checkpoint.pt of train_tokenizer.py stage 1-3")
+    run.add_argument("--tokenizer", required=True, type=input_path(),
+                     help="tokenizer checkpoint.pt of train_tokenizer.py stage 1-3")
     run.add_argument("--out", required=True, help="run folder for checkpoint.pt, metrics.jsonl and samples.png")
     run.add_argument("--resume", action="store_true",
                      help="continue the run in --out from its checkpoint (starts fresh if it has none)")
@@ -225,8 +218,9 @@ def parse_args(argv=None):
                           "a global batch of 1024: 80000)")
     run.add_argument("--seed", type=int, default=0, help="training seed; also the synthetic data set's seed")
     data = parser.add_argument_group("data and latent cache")
-    data.add_argument("--data", default="synthetic", help="'synthetic' (embedded) or an ImageFolder path; "
-                                                          "the image size is the tokenizer's")
+    data.add_argument("--data", default="synthetic", type=input_path("synthetic"),
+                      help="'synthetic' (embedded) or an ImageFolder path; "
+                           "the image size is the tokenizer's")
     data.add_argument("--num-images", type=positive_int, default=10000, help="size of the synthetic training set")
     data.add_argument("--batch-size", type=positive_int, default=32,
                       help="per process and micro-batch; the global batch is this x processes x --grad-accum "

@@ -37,10 +37,10 @@ from losses import (PatchDiscriminator, adaptive_weight, generator_loss, hinge_d
 from tokenizer import (AlignTok, EncoderClassifier, load_dinov2, official_dinov2_layout, read_dinov2_weights,
                        stand_in_from_checkpoint)
 from training import (MetricsLog, StopSignal, all_finite, autocast, below_one, check_free_space, checkpoint_bytes,
-                      cleanup_distributed, clip_gradients, ema_decay, gather_rng_states, gradient_sync,
+                      cleanup_distributed, clip_gradients, ema_decay, gather_rng_states, gradient_sync, input_path,
                       load_checkpoint, lock_folder, non_negative_float, non_negative_int, open_run, positive_int, psnr,
-                      save_checkpoint, save_grid, set_rng_state, setup_distributed, stop_if_beyond_repair,
-                      trim_metrics, unit_interval, unwrap, update_ema)
+                      save_checkpoint, save_grid, set_rng_state, setup_distributed, stop_if_beyond_repair, trim_metrics,
+                      unit_interval, unwrap, update_ema)
 
 
 #################################################################################
@@ -135,10 +135,12 @@ def stand_in_classifier(args, num_classes):
 def build_stage(args, init, num_classes):
     """(model, optimiser parameter groups, stage 2's frozen reference or None): what
     trains in this stage, with --lr for everything but stage 2's encoder (--encoder-lr)."""
+    try:
+        model = stand_in_classifier(args, num_classes) if args.stage == 0 else build_tokenizer(args, init)
+    except ValueError as error:   # the constructors check that the sizes fit together
+        raise SystemExit(f"error: the model flags do not fit together: {error}") from None
     if args.stage == 0:
-        model = stand_in_classifier(args, num_classes)
         return model, [{"params": [p for p in model.parameters() if p.requires_grad], "lr": args.lr}], None
-    model = build_tokenizer(args, init)
     reference = frozen_reference(model) if args.stage == 2 else None
     set_trainable(model, args.stage)
     encoder_params = [p for p in model.encoder.parameters() if p.requires_grad]
@@ -470,12 +472,13 @@ def parse_args(argv=None):
     stage.add_argument("--stage", type=int, required=True, choices=[0, 1, 2, 3],
                        help="0 (stand-in encoder), 1, 2 or 3")
     stage.add_argument("--out", required=True, help="run folder for checkpoint.pt, metrics.jsonl and recon.png")
-    stage.add_argument("--init", help="stages 2 and 3: the previous stage's checkpoint.pt")
+    stage.add_argument("--init", type=input_path(), help="stages 2 and 3: the previous stage's checkpoint.pt")
     stage.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     stage.add_argument("--steps", type=positive_int, default=1000, help="total optimisation steps of this stage")
     stage.add_argument("--seed", type=int, default=0)
     data = parser.add_argument_group("data")
-    data.add_argument("--data", default="synthetic", help="'synthetic' (embedded) or an ImageFolder path")
+    data.add_argument("--data", default="synthetic", type=input_path("synthetic"),
+                      help="'synthetic' (embedded) or an ImageFolder path")
     data.add_argument("--image-size", type=positive_int, default=32, help="image size (ImageNet: 256)")
     data.add_argument("--num-images", type=positive_int, default=10000, help="size of the synthetic training set")
     data.add_argument("--batch-size", type=positive_int, default=32,
@@ -490,8 +493,9 @@ def parse_args(argv=None):
                       help="random horizontal flips of the training images (our choice)")
     model = parser.add_argument_group("model (stages 0 and 1; later stages take it from --init)")
     model.add_argument("--encoder", default="dinov2_vits14", help="DINOv2 architecture name (ImageNet: dinov2_vitl14)")
-    model.add_argument("--encoder-weights", help="official DINOv2 .pth, HF model.safetensors, a stage-0 "
-                                                 "checkpoint, or 'random'")
+    model.add_argument("--encoder-weights", type=input_path("random"),
+                       help="official DINOv2 .pth, HF model.safetensors, a stage-0 "
+                            "checkpoint, or 'random'")
     model.add_argument("--encoder-depth", type=positive_int, help="override: number of blocks")
     model.add_argument("--encoder-dim", type=positive_int, help="override: width")
     model.add_argument("--encoder-heads", type=positive_int, help="override: attention heads")
@@ -529,8 +533,8 @@ def parse_args(argv=None):
     loss = parser.add_argument_group("losses")
     loss.add_argument("--perceptual-weight", type=non_negative_float, default=1.0,
                       help="LPIPS weight; > 0 needs the two files below, 0 turns LPIPS off")
-    loss.add_argument("--vgg-weights", help="torchvision's vgg16-397923af.pth for LPIPS")
-    loss.add_argument("--lpips-weights", help="lpips' weights/v0.1/vgg.pth (the five linear heads)")
+    loss.add_argument("--vgg-weights", type=input_path(), help="torchvision's vgg16-397923af.pth for LPIPS")
+    loss.add_argument("--lpips-weights", type=input_path(), help="lpips' weights/v0.1/vgg.pth (the five linear heads)")
     loss.add_argument("--disc-weight", type=non_negative_float, default=0.5,
                       help="generator GAN weight times lambda_adapt; 0 = off")
     loss.add_argument("--disc-start", type=non_negative_int, default=20000,

@@ -149,7 +149,7 @@ def wait_for_files(paths, what, poll_s=2.0):
 
 
 #################################################################################
-#                        Command-line numbers, checked at parse time             #
+#                 Command-line numbers and paths, checked at parse time         #
 #################################################################################
 
 def _checked(kind, test, wanted):
@@ -172,6 +172,19 @@ positive_float = _checked(float, lambda v: v > 0, "a positive finite number")
 non_negative_float = _checked(float, lambda v: v >= 0, "a finite number >= 0")
 unit_interval = _checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 below_one = _checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+def input_path(*words):
+    """An argparse type for a file or folder the command reads: a missing one is refused
+    when the flags are parsed, before any work. `words` are values that name no path
+    (e.g. 'synthetic', 'random')."""
+    def parse(text):
+        if text in words or os.path.exists(text):
+            return text
+        alternatives = f" (or pass {' or '.join(words)})" if words else ""
+        raise argparse.ArgumentTypeError(f"{text} does not exist{alternatives}")
+    parse.__name__ = "an existing path"
+    return parse
 
 
 #################################################################################
@@ -216,6 +229,15 @@ def lock_folder(folder, flag="--out", new_file=None, name=".lock"):
     remove_stale_temporaries(folder)
     _held_locks[key] = handle
     return handle
+
+
+def read_or_exit(load, path, flag):
+    """load(path), or one error line naming the flag and what is wrong with its file (the
+    loaders say what the file is and what was expected)."""
+    try:
+        return load(path)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: {flag}: {error}") from None
 
 
 def check_writable(path, flag="--out"):

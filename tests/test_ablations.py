@@ -40,3 +40,18 @@ def test_quick_sweep_runs_every_variant_once(tmp_path):
 
     ablations.main(["--out", str(tmp_path), "--quick"])      # rerun: everything is complete
     assert (tmp_path / "commands.txt").read_text().splitlines() == commands
+
+
+def test_a_stopped_command_stops_the_sweep_and_restores_the_signal_handlers(tmp_path, monkeypatch):
+    """A training script stopped by Ctrl-C saves and returns normally; the sweep must not
+    go on to sample an unfinished run, and the script's handlers must not outlive it."""
+    import signal
+    before = signal.getsignal(signal.SIGINT)
+
+    def stopped_early(argv):
+        signal.signal(signal.SIGINT, lambda *_: None)      # as StopSignal does
+    monkeypatch.setattr(ablations.evaluate, "main", stopped_early)
+    with pytest.raises(SystemExit, match=r"^stopped during: python evaluate.py report\n.*rerun the same ablations.py"):
+        ablations.run("evaluate.py", ["report"], str(tmp_path / "commands.txt"), lambda: False)
+    assert signal.getsignal(signal.SIGINT) is before
+    ablations.run("evaluate.py", ["report"], str(tmp_path / "commands.txt"), lambda: True)   # finished: goes on

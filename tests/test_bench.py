@@ -25,3 +25,12 @@ def test_flops_of_a_linear_layer_forward_and_backward():
     layer = torch.nn.Linear(64, 32)
     x = torch.randn(8, 64, requires_grad=True)
     assert bench.count_flops(lambda: layer(x).sum().backward()) == 3 * 2 * 8 * 64 * 32   # forward, 2 in backward
+
+
+def test_the_demo_work_row_reads_the_demo_schedule_from_run_demo_sh():
+    with open(os.path.join(ROOT, "run_demo.sh")) as f:
+        lines = [line for line in f if "--steps" in line]
+    steps, samples = bench.demo_schedule()
+    assert [f'--steps "$(steps {n})"' in line for n, line in zip(steps, lines)] == [True] * 5
+    assert ["--stage 0" in lines[0], "--stage 3" in lines[3], "train_diffusion.py" in lines[4]] == [True] * 3
+    assert samples == 500 and bench.DEMO_BATCHES["stage0"] == 64      # run_demo.sh: --batch-size 64 in stage 0

@@ -7,7 +7,6 @@ import argparse
 import glob
 import json
 import os
-import random
 import signal
 import struct
 import subprocess
@@ -210,6 +209,45 @@ def test_the_latent_cache_is_locked_while_built_and_released_when_its_holder_die
     assert glob.glob(str(cache / "latents-*.json"))
 
 
+def test_a_sample_folder_is_locked_while_written(tiny, tmp_path):
+    holder = start(None, [str(tmp_path / "samples_shards"), ".lock"], code=HOLD)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(SystemExit, match=rf"samples_shards is in use by another process \(PID {holder.pid}\)"):
+        sample.main(["--ckpt", tiny[2], "--out", str(tmp_path / "samples.npz"), "--num-samples", "2",
+                     "--steps", "1", "--device", "cpu"])
+    holder.kill()
+    holder.wait()
+    assert not glob.glob(str(tmp_path / "samples_shards" / "shard_*"))
+
+
+def test_a_signal_during_the_latent_cache_build_stops_within_a_batch(tiny, tmp_path):
+    cache = tmp_path / "cache"
+    argv = dit_argv(tiny, tmp_path / "run", 5, "--num-images", "3000", "--cache-batch-size", "2", "--workers", "0")
+    argv[argv.index("--cache-dir") + 1] = str(cache)
+    process = start("train_diffusion.py", argv)
+    wait_for(lambda: glob.glob(str(cache / "*.partial")), process, "the cache build", timeout=300)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0 and "Traceback" not in stderr, stderr[-2000:]
+    assert "stopped by SIGTERM while encoding the latent cache" in stdout and "Rerun the same command" in stdout
+    assert not glob.glob(str(cache / "latents-*.npy")) and not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_a_signal_ends_an_evaluation_in_one_line(monkeypatch):
+    def interrupted(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)                                     # the handler interrupts this
+        raise AssertionError("SIGTERM did not stop the command")
+    monkeypatch.setitem(evaluate.COMMANDS, "metrics", interrupted)
+    handler = signal.signal(signal.SIGTERM, lambda *_: pytest.fail("evaluate.py left SIGTERM unhandled"))
+    try:
+        with pytest.raises(SystemExit, match=r"^stopped by a signal: evaluate.py metrics wrote nothing unfinished"):
+            evaluate.main(["metrics", "--samples", __file__, "--ref", __file__])
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+
+
 #################################################################################
 #             3, 4, 5, 6: full disks, killed writes, torn metrics lines         #
 #################################################################################
@@ -260,7 +298,7 @@ def test_an_unwritable_evaluation_or_sample_output_is_one_line_before_any_work(t
     with pytest.raises(SystemExit, match=r"^error: cannot write --out .*file/stats.npz"):
         evaluate.main(["stats", "--data", "synthetic", "--out", str(blocker / "stats.npz")])
     with pytest.raises(SystemExit, match=r"^error: cannot write --grid .*file/grid.png"):
-        sample.main(["--ckpt", "missing.pt", "--grid", str(blocker / "grid.png")])
+        sample.main(["--ckpt", __file__, "--grid", str(blocker / "grid.png")])   # checked before it is read
 
 
 def test_free_space_is_checked_before_encoding_and_training(tiny, tmp_path, monkeypatch):
@@ -414,8 +452,61 @@ def test_a_reference_without_sigma_is_refused_before_extraction(tmp_path):
 
 def test_a_dit_file_as_tokenizer_is_one_line_in_sample(tiny, tmp_path):
     dit_file = tiny[2]
-    with pytest.raises(SystemExit, match=rf"^error: {dit_file} is not a tokenizer checkpoint"):
+    with pytest.raises(SystemExit, match=rf"^error: --tokenizer: {dit_file} is not a tokenizer checkpoint"):
         sample.main(["--ckpt", dit_file, "--tokenizer", dit_file, "--out", str(tmp_path / "s.npz")])
+
+
+def test_wrong_kinds_of_file_are_one_line_in_evaluation(tiny, tmp_path):
+    dit_file, tensor_file = tiny[2], str(tmp_path / "tensor.pt")
+    torch.save(torch.zeros(3), tensor_file)
+    with pytest.raises(SystemExit, match=rf"^error: --tokenizer: {dit_file} is not a tokenizer checkpoint"):
+        evaluate.main(["recon", "--tokenizer", dit_file, "--data", "synthetic", "--device", "cpu"])
+    with pytest.raises(SystemExit, match=rf"^error: --stand-in: {tensor_file} holds a Tensor"):
+        evaluate.main(["report", "--stand-in", tensor_file, "--tokenizer", tiny[0], "--samples", tensor_file,
+                       "--data", "synthetic", "--recon-png", "r.png", "--samples-png", "s.png", "--device", "cpu"])
+
+
+EVALUATE = evaluate.build_parser().parse_args
+MISSING = [("train_tokenizer", train_tokenizer.parse_args, ["--stage", "2", "--perceptual-weight", "0", "--init"]),
+           ("train_tokenizer", train_tokenizer.parse_args, ["--stage", "1", "--perceptual-weight", "0",
+                                                            "--encoder-weights"]),
+           ("train_tokenizer", train_tokenizer.parse_args, ["--stage", "1", "--encoder-weights", "random", "--data"]),
+           ("train_tokenizer", train_tokenizer.parse_args, ["--stage", "1", "--encoder-weights", "random",
+                                                            "--lpips-weights"]),
+           ("train_tokenizer", train_tokenizer.parse_args, ["--stage", "1", "--encoder-weights", "random",
+                                                            "--vgg-weights"]),
+           ("train_diffusion", train_diffusion.parse_args, ["--tokenizer"]),
+           ("train_diffusion", train_diffusion.parse_args, ["--data"]),
+           ("sample", sample.parse_args, ["--ckpt"]),
+           ("sample", sample.parse_args, ["--tokenizer"]),
+           ("evaluate", EVALUATE, ["stats", "--data"]),
+           ("evaluate", EVALUATE, ["stats", "--data", "synthetic", "--inception-weights"]),
+           ("evaluate", EVALUATE, ["metrics", "--samples"]),
+           ("evaluate", EVALUATE, ["metrics", "--ref"]),
+           ("evaluate", EVALUATE, ["recon", "--tokenizer"]),
+           ("evaluate", EVALUATE, ["recon", "--dinov2-weights"]),
+           ("evaluate", EVALUATE, ["report", "--stand-in"]),
+           ("evaluate", EVALUATE, ["report", "--samples"])]
+
+
+@pytest.mark.parametrize("parse, argv", [m[1:] for m in MISSING], ids=[f"{m[0]} {m[2][-1]}" for m in MISSING])
+def test_every_missing_input_path_is_refused_when_parsed(parse, argv, tmp_path, capsys):
+    """Every file or folder a command reads is checked before any work, whichever flag names it."""
+    missing = str(tmp_path / "nope" / "missing.pt")
+    with pytest.raises(SystemExit) as error:
+        parse(argv + [missing, "--out", str(tmp_path / "out")])
+    assert error.value.code == 2
+    assert f"argument {argv[-1]}: {missing} does not exist" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []                             # nothing was made
+
+
+def test_encoder_sizes_that_do_not_fit_are_one_line_before_training(tmp_path):
+    # the default encoder (patch 14) at the default 32 px: refused when the model is built
+    with pytest.raises(SystemExit, match=r"^error: the model flags do not fit together: encoder_size 32 is not a "
+                                         r"multiple of the encoder's patch size 14"):
+        train_tokenizer.main(train_tokenizer.parse_args(["--stage", "0", "--out", str(tmp_path / "run"),
+                                                         "--num-images", "8", "--workers", "0"]))
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
 BAD_FLAGS = [(train_diffusion, f, v) for f, v in [
@@ -431,8 +522,11 @@ BAD_FLAGS = [(train_diffusion, f, v) for f, v in [
 
 @pytest.mark.parametrize("module, flag, value", BAD_FLAGS, ids=[f"{m.__name__}{f}={v}" for m, f, v in BAD_FLAGS])
 def test_numeric_flags_are_checked_at_parse_time(module, flag, value, capsys):
-    required = {train_diffusion: ["--tokenizer", "t.pt", "--out", "o"], train_tokenizer: ["--stage", "0", "--out", "o"],
-                sample: ["--ckpt", "c.pt", "--out", "o.npz"], evaluate: ["metrics", "--samples", "s", "--ref", "r"]}[module]
+    existing = __file__    # input paths must exist
+    required = {train_diffusion: ["--tokenizer", existing, "--out", "o"],
+                train_tokenizer: ["--stage", "0", "--out", "o"],
+                sample: ["--ckpt", existing, "--out", "o.npz"],
+                evaluate: ["metrics", "--samples", existing, "--ref", existing]}[module]
     values = [value, value] if flag == "--disc-betas" else [value]
     parse = evaluate.build_parser().parse_args if module is evaluate else module.parse_args
     with pytest.raises(SystemExit) as error:
@@ -444,24 +538,44 @@ def test_numeric_flags_are_checked_at_parse_time(module, flag, value, capsys):
 #                         Soak: SIGKILL at random moments                       #
 #################################################################################
 
-KILLS = 6     # kept small for a fast suite; every kill lands in a random moment of start-up, a step or a save
+KILLS = 20
+# A parent that has imported torch forks one child per attempt and SIGKILLs it at a random
+# moment: real processes and real kills, without paying Python's start-up 20 times. The
+# moments are spread over a twelfth of an uninterrupted run, so they land in start-up, steps
+# and saves, and 20 kills leave the run unfinished.
+ZYGOTE = """
+import os, random, signal, sys, time
+import train_diffusion
+seed, kills, span, argv = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4:]
+rng, done = random.Random(seed), 0
+while done < kills:
+    child = os.fork()
+    if child == 0:
+        try:
+            train_diffusion.main(train_diffusion.parse_args(argv))
+        finally:
+            os._exit(0)
+    time.sleep(rng.uniform(0, span))
+    os.kill(child, signal.SIGKILL)
+    _, status = os.waitpid(child, 0)
+    print("killed" if os.WIFSIGNALED(status) else "finished", flush=True)
+    if not os.WIFSIGNALED(status):
+        break
+    done += 1
+"""
 
 
 def test_random_sigkills_then_resumes_end_bit_exact(tiny, tmp_path):
-    steps = 40
+    steps = 80
     argv = lambda out: dit_argv(tiny, out, steps, "--ckpt-every", "3")
+    started = time.time()
     train_diffusion.main(train_diffusion.parse_args(argv(tmp_path / "straight")))
-    rng, out, kills = random.Random(0), tmp_path / "killed", 0
-    while kills < KILLS:
-        process = start("train_diffusion.py", argv(out) + ["--resume"])
-        try:
-            process.wait(timeout=rng.uniform(1.0, 5.0))
-            break                                                 # finished before the kill
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.communicate()
-            kills += 1
-    if process.returncode is None or process.returncode != 0:
+    span = time.time() - started
+    out = tmp_path / "killed"
+    process = start(None, ["0", str(KILLS), f"{span / 12:.2f}", *argv(out), "--resume"], code=ZYGOTE)
+    stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0 and stdout.count("killed") == KILLS, stderr[-2000:]
+    if "finished" not in stdout:
         result = subprocess.run([sys.executable, "train_diffusion.py", *argv(out), "--resume"], cwd=ROOT, env=ENV,
                                 capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-2000:]

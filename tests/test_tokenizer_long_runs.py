@@ -238,8 +238,8 @@ def test_adaptive_weight_balances_the_whole_reconstruction_loss():
     perceptual = lambda x, y: ((x - y) ** 2).mean(dim=(1, 2, 3)) * 30        # (N,)
     discriminator = PatchDiscriminator(n_layers=1, norm="none")
     images = torch.stack([build_dataset("synthetic", 16)[i][0] for i in range(4)])
-    args = train_tokenizer.parse_args(["--stage", "1", "--out", "x", "--perceptual-weight", "2", "--vgg-weights", "v",
-                                       "--lpips-weights", "l"])
+    args = train_tokenizer.parse_args(["--stage", "1", "--out", "x", "--perceptual-weight", "2",
+                                       "--vgg-weights", __file__, "--lpips-weights", __file__])   # not read here
     _, _, logs = train_tokenizer.tokenizer_loss(args, tokenizer, tokenizer, images, perceptual, None, discriminator)
     reconstruction = tokenizer(images)[0]
     nll = (reconstruction - images).abs().mean() + 2 * perceptual(reconstruction, images).mean()

@@ -202,9 +202,6 @@ def test_existing_checkpoint_is_refused_and_untouched(tmp_path, tokenizer_path):
 
 
 def test_bad_tokenizer_is_one_error_line(tmp_path):
-    missing = str(tmp_path / "nope.pt")
-    with pytest.raises(SystemExit, match=r"^error: --tokenizer: tokenizer checkpoint not found: .*nope.pt"):
-        train(missing, tmp_path / "run")
     stage0 = str(tmp_path / "stage0.pt")
     torch.save({"stage": 0, "encoder_name": "dinov2_vits14", "ema": {}}, stage0)
     with pytest.raises(SystemExit, match=r"^error: --tokenizer: .*stage0.pt is not a tokenizer checkpoint"):
