@@ -133,10 +133,7 @@ def tokenizer_step(model, stage, batch_size, device):
     """One train_tokenizer.py generator step of stage 1 (adapter + decoder), 2 (all, with
     semantic preservation against a frozen copy) or 3 (decoder), with the demo's losses: L1
     (and L_sp)."""
-    model.requires_grad_(False)
-    for name in {1: ("adapter", "decoder"), 2: ("encoder", "adapter", "decoder"), 3: ("decoder",)}[stage]:
-        getattr(model, name).requires_grad_(True)
-    model.encoder.mask_token.requires_grad_(False)
+    model.set_trainable(stage)
     reference = None
     if stage == 2:                            # the frozen stage-1 encoder + adapter
         reference = copy.deepcopy(model).requires_grad_(False)

@@ -399,6 +399,14 @@ class AlignTok(nn.Module):
     def denormalize(self, z):
         return z * self.latent_std.view(1, -1, 1, 1) + self.latent_mean.view(1, -1, 1, 1)
 
+    def set_trainable(self, stage):
+        """Which parts learn in each stage (the paper's table)."""
+        self.requires_grad_(False)
+        for name in {1: ("adapter", "decoder"), 2: ("encoder", "adapter", "decoder"), 3: ("decoder",)}[stage]:
+            getattr(self, name).requires_grad_(True)
+        self.encoder.mask_token.requires_grad_(False)   # unused outside DINOv2's own pretraining
+        return self
+
 
 def load_tokenizer(path, use_ema=True):
     """Rebuilds an AlignTok from a train_tokenizer.py checkpoint alone (eval mode, the

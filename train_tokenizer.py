@@ -106,15 +106,6 @@ def build_tokenizer(args, init):
     return tokenizer
 
 
-def set_trainable(tokenizer, stage):
-    """Which parts learn in each stage (the paper's table)."""
-    tokenizer.requires_grad_(False)
-    trainable = {1: ("adapter", "decoder"), 2: ("encoder", "adapter", "decoder"), 3: ("decoder",)}[stage]
-    for name in trainable:
-        getattr(tokenizer, name).requires_grad_(True)
-    tokenizer.encoder.mask_token.requires_grad_(False)   # unused outside DINOv2's own pretraining
-
-
 def frozen_reference(tokenizer):
     """Stage 2's frozen copy of the stage-1 encoder + adapter (no decoder)."""
     reference = copy.deepcopy(tokenizer)
@@ -142,7 +133,7 @@ def build_stage(args, init, num_classes):
     if args.stage == 0:
         return model, [{"params": [p for p in model.parameters() if p.requires_grad], "lr": args.lr}], None
     reference = frozen_reference(model) if args.stage == 2 else None
-    set_trainable(model, args.stage)
+    model.set_trainable(args.stage)
     encoder_params = [p for p in model.encoder.parameters() if p.requires_grad]
     other_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("encoder.")]
     groups = [{"params": other_params, "lr": args.lr}]
