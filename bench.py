@@ -42,8 +42,8 @@ DEMO_TOKENIZER = dict(latent_channels=16, decoder_width=32, decoder_multipliers=
                       image_size=32, encoder_size=32)
 DEMO_DIT = dict(depth=4, hidden_size=128, num_heads=2)
 # run_demo.sh's batches: stage 0 at 64, stages 1-3 at train_tokenizer.py's default 32, the DiT
-# at 32, sampling at 100. Its step counts are read from run_demo.sh itself (demo_schedule).
-DEMO_BATCHES = dict(stage0=64, tokenizer=32, dit=32, sample=100)
+# at 32, sampling at 50. Its step counts are read from run_demo.sh itself (demo_schedule).
+DEMO_BATCHES = dict(stage0=64, tokenizer=32, dit=32, sample=50)
 
 
 #################################################################################
@@ -283,13 +283,14 @@ def inception_row(args):
 
 
 def sampling_rows(args, device):
-    """sample.py at demo size: 50 Euler steps, guidance 3.0 from t = 0.1, 100 samples a
+    """sample.py at demo size: 50 Euler steps, guidance 3.0 from t = 0.1, the demo's samples a
     call, then the decoder; and one guided model step against one unguided."""
     torch.manual_seed(0)
     tok = demo_tokenizer().to(device).eval()
     model = create_model("LightningDiT-B/1", input_size=8, in_channels=16, num_classes=10, **DEMO_DIT).to(device)
     model.eval()
-    noise, labels = torch.randn(100, 16, 8, 8, device=device), torch.arange(100, device=device) % 10
+    batch = DEMO_BATCHES["sample"]
+    noise, labels = torch.randn(batch, 16, 8, 8, device=device), torch.arange(batch, device=device) % 10
 
     @torch.no_grad()
     def sample_batch():
@@ -301,9 +302,9 @@ def sampling_rows(args, device):
     batch_s = seconds(sample_batch, max(1, args.repeats // 2))
     guided_s, unguided_s = seconds(lambda: model_step(3.0), 5 * args.repeats), \
         seconds(lambda: model_step(1.0), 5 * args.repeats)
-    return [("sampling at demo size (sample.py's calls), images/s", f"{100 / batch_s:.0f}",
-             "50 Euler steps, guidance 3.0 from t = 0.1, batch 100, with decoding"),
-            ("guided step / unguided step, demo DiT, batch 100", f"{guided_s / unguided_s:.2f}",
+    return [("sampling at demo size (sample.py's calls), images/s", f"{batch / batch_s:.0f}",
+             f"50 Euler steps, guidance 3.0 from t = 0.1, batch {batch}, with decoding"),
+            (f"guided step / unguided step, demo DiT, batch {batch}", f"{guided_s / unguided_s:.2f}",
              "ideally close to 2 (one model call on a doubled batch)")]
 
 

@@ -298,18 +298,19 @@ def shift_time(t, shift):
 def guided_velocity(model, x, t, y, cfg_scale, cfg_interval, cfg_channels, null_label):
     """model's velocity at (x, t), with classifier-free guidance v_u + w*(v_c - v_u) on
     the first cfg_channels channels (all if None) where t >= cfg_interval; elsewhere
-    the conditional prediction alone. Cond and uncond run as one batch."""
+    the conditional prediction alone. Cond and uncond run as one batch, and the unconditional
+    half is skipped where no sample is inside the interval (a quarter of the demo's steps)."""
     N = x.shape[0]
     t = t.expand(N)
-    if cfg_scale == 1.0:
+    inside = t >= cfg_interval                                          # (N,)
+    if cfg_scale == 1.0 or not inside.any():
         return model(x, t, y)
     y_null = torch.full_like(y, null_label)
     v_cond, v_uncond = model(torch.cat((x, x)), torch.cat((t, t)), torch.cat((y, y_null))).chunk(2)
     guided = v_uncond + cfg_scale * (v_cond - v_uncond)                # (N, C, H, W)
     if cfg_channels is not None:
         guided = torch.cat((guided[:, :cfg_channels], v_cond[:, cfg_channels:]), dim=1)
-    inside = (t >= cfg_interval).view(N, 1, 1, 1)
-    return torch.where(inside, guided, v_cond)
+    return torch.where(inside.view(N, 1, 1, 1), guided, v_cond)
 
 
 @torch.no_grad()

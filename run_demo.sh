@@ -10,6 +10,13 @@ cd "$(dirname "$0")"
 RUN=${1:-runs/demo}
 SCALE=${DEMO_SCALE:-1}   # the tests run the same pipeline with a tiny fraction of the steps
 steps() { python -c "print(max(2, int($1 * $SCALE)))"; }
+times=""
+timed() {   # timed LABEL COMMAND...: runs the command and keeps its wall time for the summary
+    local label=$1 begin=$(date +%s)
+    shift
+    "$@"
+    times+="$(printf '%5d s  %s' $(( $(date +%s) - begin )) "$label")"$'\n'
+}
 start=$(date +%s)
 
 # Small DINOv2-architecture encoder (patch 4, 32 px -> 8x8 tokens) and decoder (x4).
@@ -18,23 +25,24 @@ DECODER="--latent-channels 16 --decoder-width 32 --decoder-multipliers 1 2 2 --d
 # The demo trains without LPIPS and the GAN: their weight files are not here, and 800 steps are too few.
 COMMON="--data synthetic --image-size 32 --encoder-size 32 --num-images ${DEMO_IMAGES:-10000} --resume --perceptual-weight 0 --disc-weight 0"
 
-python train_tokenizer.py --stage 0 --out "$RUN/stage0" --steps "$(steps 800)" --lr 1e-3 --batch-size 64 \
+timed "stage 0" python train_tokenizer.py --stage 0 --out "$RUN/stage0" --steps "$(steps 800)" --lr 1e-3 --batch-size 64 \
     $COMMON $ENCODER
-python train_tokenizer.py --stage 1 --out "$RUN/stage1" --steps "$(steps 800)" --lr 1e-3 \
+timed "stage 1" python train_tokenizer.py --stage 1 --out "$RUN/stage1" --steps "$(steps 800)" --lr 1e-3 \
     --encoder-weights "$RUN/stage0/checkpoint.pt" $COMMON $DECODER
-python train_tokenizer.py --stage 2 --out "$RUN/stage2" --steps "$(steps 400)" --lr 3e-4 --encoder-lr 1e-4 \
+timed "stage 2" python train_tokenizer.py --stage 2 --out "$RUN/stage2" --steps "$(steps 400)" --lr 3e-4 --encoder-lr 1e-4 \
     --init "$RUN/stage1/checkpoint.pt" $COMMON
-python train_tokenizer.py --stage 3 --out "$RUN/stage3" --steps "$(steps 400)" --lr 3e-4 \
+timed "stage 3" python train_tokenizer.py --stage 3 --out "$RUN/stage3" --steps "$(steps 400)" --lr 3e-4 \
     --init "$RUN/stage2/checkpoint.pt" $COMMON
 
-python train_diffusion.py --tokenizer "$RUN/stage3/checkpoint.pt" --out "$RUN/dit" --steps "$(steps 3000)" \
+timed "latent cache + LightningDiT" python train_diffusion.py --tokenizer "$RUN/stage3/checkpoint.pt" --out "$RUN/dit" --steps "$(steps 3000)" \
     --num-images "${DEMO_IMAGES:-10000}" --depth 4 --hidden-size 128 --num-heads 2 --batch-size 32 --lr 1e-3 \
     --ema-decay 0.999 --ema-warmup 10 --sample-every 1000 --ckpt-every 1000 --log-every 100 --resume
 
-python sample.py --ckpt "$RUN/dit/checkpoint.pt" --out "$RUN/samples.npz" --num-samples "${DEMO_SAMPLES:-500}" \
-    --steps 50 --cfg-scale 3.0 --cfg-interval 0.1 --batch-size 100 --device cpu
-python evaluate.py report --stand-in "$RUN/stage0/checkpoint.pt" --tokenizer "$RUN/stage3/checkpoint.pt" \
+timed "sampling" python sample.py --ckpt "$RUN/dit/checkpoint.pt" --out "$RUN/samples.npz" --num-samples "${DEMO_SAMPLES:-500}" \
+    --steps 50 --cfg-scale 3.0 --cfg-interval 0.1 --batch-size 50 --device cpu
+timed "evaluation" python evaluate.py report --stand-in "$RUN/stage0/checkpoint.pt" --tokenizer "$RUN/stage3/checkpoint.pt" \
     --samples "$RUN/samples.npz" --data synthetic --num-images "${DEMO_EVAL_IMAGES:-1000}" --workers 0 --device cpu \
     --recon-png "$RUN/recon.png" --samples-png "$RUN/samples.png" --out "$RUN/metrics.json"
 
-echo "demo finished in $(( $(date +%s) - start )) s: see $RUN/metrics.json, $RUN/recon.png, $RUN/samples.png"
+printf '%s%5d s  the whole demo\n' "$times" $(( $(date +%s) - start )) | tee "$RUN/times.txt"
+echo "demo finished: see $RUN/metrics.json, $RUN/recon.png, $RUN/samples.png (wall times in $RUN/times.txt)"

@@ -50,7 +50,7 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-from torchvision.utils import save_image
+from PIL import Image
 
 from layers import read_weights
 from plot import training_curves
@@ -565,10 +565,19 @@ def save_json(path, data):
         json.dump(data, f, indent=2)
 
 
-def save_grid(images, path, nrow):
-    """Saves images in [-1, 1] (N, 3, H, W) as one PNG grid, written atomically."""
+def save_grid(images, path, nrow, padding=2):
+    """Saves images in [-1, 1] (N, 3, H, W) as one PNG grid, nrow to a row with `padding`
+    black pixels around each, written atomically. (torchvision's save_image draws the same
+    grid, but importing torchvision costs each script 1.4 s of its start-up.)"""
+    n, c, h, w = images.shape
+    rows, columns = -(-n // nrow), min(nrow, n)
+    grid = torch.zeros(c, rows * (h + padding) + padding, columns * (w + padding) + padding)
+    for i, image in enumerate((images.detach().float().cpu().clamp(-1, 1) + 1) / 2):
+        top, left = padding + (i // nrow) * (h + padding), padding + (i % nrow) * (w + padding)
+        grid[:, top:top + h, left:left + w] = image
+    pixels = (grid * 255 + 0.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()   # (H', W', 3)
     with atomic_path(path) as temporary:
-        save_image((images.float().clamp(-1, 1) + 1) / 2, temporary, nrow=nrow, padding=2)
+        Image.fromarray(pixels).save(temporary, format="PNG")
 
 
 def unwrap(model):

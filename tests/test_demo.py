@@ -35,6 +35,12 @@ def test_demo_pipeline_end_to_end(tmp_path):
         assert recon.size[1] == 2 * 32 + 3 * 2
         assert samples.size[1] == 10 * 32 + 11 * 2
     assert "demo finished" in result.stdout
+    # the wall time of every step of the pipeline, printed and kept in times.txt
+    times = (run / "times.txt").read_text().splitlines()
+    assert [line.split(" s  ")[1] for line in times] == [
+        "stage 0", "stage 1", "stage 2", "stage 3", "latent cache + LightningDiT", "sampling", "evaluation",
+        "the whole demo"]
+    assert sum(int(line.split(" s  ")[0]) for line in times[:-1]) <= int(times[-1].split(" s  ")[0])
 
     with open(os.path.join(ROOT, "README.md")) as f:
         readme = f.read()
@@ -53,8 +59,9 @@ def test_demo_pipeline_end_to_end(tmp_path):
 
 def normalised_commands(text, variables):
     """The python command lines of a bash text, with continuations joined, comments
-    dropped and the given variables expanded, as lists of words."""
-    text = text.replace("\\\n", " ")
+    dropped, run_demo.sh's `timed LABEL` prefix removed and the given variables expanded,
+    as lists of words."""
+    text = re.sub(r'^timed "[^"]*" ', "", text.replace("\\\n", " "), flags=re.M)
     for name, value in variables.items():
         text = text.replace(name, value)
     commands = []

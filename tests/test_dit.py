@@ -341,8 +341,10 @@ def test_guidance():
     torch.testing.assert_close(guided, expected)
     assert not torch.allclose(guided, plain)
 
-    # interval: no guidance where the (shifted) t < cfg_interval
-    interval = sample(LabelField(), noise, y, steps=4, shift=1.0, cfg_scale=3.0, cfg_interval=0.5)
+    # interval: no guidance, and no unconditional pass, where the (shifted) t < cfg_interval
+    field = LabelField()
+    interval = sample(field, noise, y, steps=4, shift=1.0, cfg_scale=3.0, cfg_interval=0.5)
+    assert [call_y.shape[0] for _, call_y in field.calls] == [3, 3, 6, 6]
     expected = euler_by_hand(LabelField(), noise, y, [0, 0.25, 0.5, 0.75, 1.0],
                              lambda t: 3.0 if t >= 0.5 else 1.0)
     torch.testing.assert_close(interval, expected)
