@@ -12,9 +12,8 @@ import signal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
-
-from training import all_reduce_mean
 
 
 #################################################################################
@@ -275,12 +274,13 @@ class StepBatchSampler(torch.utils.data.Sampler):
 
 class StepLoader:
     """The batches (inputs, labels) of a step_loader. Unreadable images that SkipUnreadable
-    replaced are printed once each, counted (bad_images, summed over ranks for metrics.jsonl),
-    and stop the run with one line when more than max_bad_images of the data set is unreadable."""
+    replaced are printed once each, counted (bad_images in metrics.jsonl, kept in the
+    checkpoint so that a resumed run goes on counting), and stop the run with one line when
+    more than max_bad_images of the data set is unreadable."""
 
-    def __init__(self, batches, dataset_size, max_bad_images):
+    def __init__(self, batches, dataset_size, max_bad_images, known_bad=()):
         self.batches, self.dataset_size, self.max_bad_images = batches, dataset_size, max_bad_images
-        self.bad = {}                                   # "path: reason" -> None, in the order found
+        self.bad = dict.fromkeys(known_bad)             # "path: reason" -> None, in the order found
 
     def __next__(self):
         batch = next(self.batches)
@@ -297,8 +297,13 @@ class StepLoader:
         return batch[0], batch[1]
 
     def bad_images(self, world_size):
-        """The number of unreadable images found so far by every rank (all ranks call it)."""
-        return round(all_reduce_mean(float(len(self.bad)), world_size) * world_size)
+        """Every unreadable image found so far by any rank, before a resume too, as sorted
+        "path: reason" lines (all ranks call it)."""
+        if world_size == 1:
+            return sorted(self.bad)
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, list(self.bad))
+        return sorted(set().union(*gathered))
 
 
 def _ignore_stop_signals(worker_id):
@@ -308,13 +313,15 @@ def _ignore_stop_signals(worker_id):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def step_loader(dataset, batch_size, rank, world_size, seed, start_step, workers, device, max_bad_images=0.0):
+def step_loader(dataset, batch_size, rank, world_size, seed, start_step, workers, device, max_bad_images=0.0,
+                known_bad=()):
     """An endless iterator over this rank's batches from `start_step` on (StepBatchSampler).
-    Images of a folder that cannot be read are skipped (SkipUnreadable, StepLoader).
+    Images of a folder that cannot be read are skipped (SkipUnreadable, StepLoader);
+    known_bad: those a resumed run had found.
     Creating it draws the loader's base seed from the global RNG."""
     dataset = skipping_unreadable(dataset)
     sampler = StepBatchSampler(len(dataset), batch_size, rank, world_size, seed, start_step=start_step)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                                          pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                                          worker_init_fn=_ignore_stop_signals if workers > 0 else None)
-    return StepLoader(iter(loader), len(dataset), max_bad_images)
+    return StepLoader(iter(loader), len(dataset), max_bad_images, known_bad)

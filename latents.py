@@ -5,6 +5,7 @@ Its name is a hash of what the latents depend on (the tokenizer's encoder and ad
 data, the storage type), so a changed tokenizer or data set gets a new file and an
 unchanged one is reused across runs.
 """
+import errno
 import hashlib
 import json
 import os
@@ -15,7 +16,7 @@ from tqdm import tqdm
 
 from data import ReportUnreadable
 from layers import hash_weights
-from training import atomic_path, autocast, barrier, check_free_space, lock_folder, wait_for_files
+from training import atomic_path, autocast, barrier, check_free_space, lock_folder, no_space_left, wait_for_files
 
 
 def tokenizer_fingerprint(tokenizer):
@@ -118,9 +119,16 @@ def cache_latents(tokenizer, dataset, args, rank, world_size, device, expected_k
         for stale in [header_path] + done_marks:        # left by an interrupted build
             if os.path.exists(stale):
                 os.remove(stale)
-        np.lib.format.open_memmap(temporary, mode="w+", dtype=args.cache_dtype, shape=shape).flush()
-        with open(temporary, "r+b") as f:    # reserve the blocks now, not at the first write into a hole
-            os.posix_fallocate(f.fileno(), 0, os.path.getsize(temporary))
+        try:
+            np.lib.format.open_memmap(temporary, mode="w+", dtype=args.cache_dtype, shape=shape).flush()
+            with open(temporary, "r+b") as f:    # reserve the blocks now, not at the first write into a hole
+                os.posix_fallocate(f.fileno(), 0, os.path.getsize(temporary))
+        except OSError as error:             # the disk filled since the check (another job writing to it)
+            if os.path.exists(temporary):
+                os.remove(temporary)
+            if error.errno != errno.ENOSPC:
+                raise
+            raise no_space_left(folder, temporary) from None
     barrier(world_size)                                  # the ranks arrive together: only the cache check ran
     start, end = rank * len(dataset) // world_size, (rank + 1) * len(dataset) // world_size
     data_offset = np.load(temporary, mmap_mode="r").offset          # bytes before row 0

@@ -178,15 +178,23 @@ def build_gan(args, init, resume, image_size, device):
 
 
 @torch.no_grad()
-def compute_latent_statistics(tokenizer, dataset, args, rank, world_size, device):
+def compute_latent_statistics(tokenizer, dataset, args, rank, world_size, device, stop):
     """Per-channel mean and unbiased std of z over a seeded random subset of up to
-    --stats-images unflipped training images, sharded across ranks and summed."""
+    --stats-images unflipped training images, sharded across ranks and summed; None when
+    a signal arrived (checked every batch: a scheduler's grace period can be shorter than
+    the statistics of 10,000 large images)."""
     count = min(args.stats_images, len(dataset))
     chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))[:count]
     subset = torch.utils.data.Subset(skipping_unreadable(dataset), chosen[rank::world_size].tolist())
     loader = torch.utils.data.DataLoader(subset, batch_size=args.batch_size, num_workers=args.workers)
     sums = torch.zeros(3, tokenizer.latent_mean.numel(), dtype=torch.float64, device=device)  # n, sum, squares
-    for images, *_ in tqdm(loader, desc="latent statistics", disable=rank != 0, dynamic_ncols=True):
+    # The signal check is collective, so every rank makes it at the same batches: those that
+    # the smallest share has (a rank's share may be one image, and so one batch, longer).
+    checked_batches = -(-(count // world_size) // args.batch_size)
+    for i, (images, *_) in enumerate(tqdm(loader, desc="latent statistics", disable=rank != 0,
+                                          dynamic_ncols=True)):
+        if i < checked_batches and stop.requested(world_size):
+            return None
         with autocast(device):
             z = tokenizer.encode(images.to(device)).double()       # (N, C, h, w)
         z = z.transpose(0, 1).flatten(1)                           # (C, N*h*w)
@@ -199,15 +207,18 @@ def compute_latent_statistics(tokenizer, dataset, args, rank, world_size, device
     return mean.float(), std.float()
 
 
-def store_latent_statistics(ema, model, dataset, args, rank, world_size, device):
-    """Computes the latent statistics with the EMA tokenizer and stores them in both. Under
-    fork_rng: the checkpoint must hold the training RNG, so that extending the run with
-    --resume --steps continues exactly as one longer run would."""
+def store_latent_statistics(ema, model, dataset, args, rank, world_size, device, stop):
+    """Computes the latent statistics with the EMA tokenizer and stores them in both; False
+    when stopped by a signal. Under fork_rng: the checkpoint must hold the training RNG, so
+    that extending the run with --resume --steps continues exactly as one longer run would."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        mean, std = compute_latent_statistics(ema, dataset, args, rank, world_size, device)
+        statistics = compute_latent_statistics(ema, dataset, args, rank, world_size, device, stop)
+    if statistics is None:
+        return False
     for tokenizer in (ema, model):
-        tokenizer.latent_mean.copy_(mean)
-        tokenizer.latent_std.copy_(std)
+        tokenizer.latent_mean.copy_(statistics[0])
+        tokenizer.latent_std.copy_(statistics[1])
+    return True
 
 
 #################################################################################
@@ -372,7 +383,7 @@ def main(args):
     # Each step loads this rank's whole share of the global batch, so that the micro-batches
     # of --grad-accum are the same images, and draw the same flips, as one larger batch.
     loader = step_loader(dataset, args.batch_size * args.grad_accum, rank, world_size, args.seed, step, args.workers,
-                         device, args.max_bad_images)
+                         device, args.max_bad_images, known_bad=[] if resume is None else resume.get("bad_images", []))
     if rank == 0:   # the lock is held until the process ends
         lock_folder(args.out, new_file=checkpoint_path if resume is None else None)
         check_free_space(args.out, checkpoint_bytes(model), "a checkpoint")
@@ -382,13 +393,13 @@ def main(args):
 
     # ---- checkpoint --------------------------------------------------------------
     def write_checkpoint():
-        states = gather_rng_states(world_size, model, ema)
+        states, bad_images = gather_rng_states(world_size, model, ema), loader.bad_images(world_size)
         if rank != 0:
             return
         config_key = "stand_in_config" if args.stage == 0 else "tokenizer_config"
         state = {"stage": args.stage, "step": step, "skipped": skipped, "args": vars(args), config_key: model.config,
                  "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                 "rng": states}
+                 "rng": states, "bad_images": bad_images}
         if discriminator is not None:
             state.update(discriminator=unwrap(discriminator).state_dict(), disc_config=unwrap(discriminator).config,
                          disc_optimizer=disc_optimizer.state_dict(), gan_start=gan_start)
@@ -426,7 +437,8 @@ def main(args):
         progress.update(1)
 
         if step % args.log_every == 0 or step == args.steps:
-            record = log.write(stage=args.stage, step=step, skipped=skipped, bad_images=loader.bad_images(world_size))
+            record = log.write(stage=args.stage, step=step, skipped=skipped,
+                               bad_images=len(loader.bad_images(world_size)))
             progress.set_postfix({k: f"{v:.4g}" for k, v in record.items()
                                   if k in ("loss", "psnr", "accuracy") and v is not None})
         if args.stage > 0 and rank == 0 and (step % args.sample_every == 0 or step == args.steps):
@@ -436,16 +448,17 @@ def main(args):
         if stop.requested(world_size):
             break
     progress.close()
-    if step < args.steps:   # stopped by a signal: save and go; the statistics come at the real end
-        write_checkpoint()
+
+    # ---- latent statistics (every tokenizer stage) and the final checkpoint --------
+    # A signal, in the loop or during the statistics, saves the weights and goes; --resume
+    # then computes the statistics (a resumed run at its last step goes straight here).
+    finished = step >= args.steps and (args.stage == 0 or store_latent_statistics(
+        ema, model, dataset, args, rank, world_size, device, stop))
+    write_checkpoint()
+    if not finished:
         if rank == 0:
             stop.report(step, checkpoint_path)
         return cleanup_distributed()
-
-    # ---- latent statistics (every tokenizer stage) and the final checkpoint --------
-    if args.stage > 0:
-        store_latent_statistics(ema, model, dataset, args, rank, world_size, device)
-    write_checkpoint()
     if rank == 0:
         summary = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k in ("loss", "psnr", "accuracy", "sp")
                             and v is not None)

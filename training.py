@@ -363,6 +363,12 @@ def _mount_point(path):
     return path
 
 
+def no_space_left(folder, path):
+    """The one line for a write that met a full disk."""
+    return SystemExit(f"error: no space left on {_mount_point(folder)} writing {path}; the previous file (if any) "
+                      f"is kept, free some space and run again")
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yields a temporary path beside `path` to write to; on success renames it over
@@ -383,8 +389,7 @@ def atomic_path(path):
         # torch.save reports a full disk as a RuntimeError without the errno ("unexpected pos"),
         # so a failed write on a disk that is (nearly) full is taken for one
         if getattr(error, "errno", None) == errno.ENOSPC or shutil.disk_usage(folder).free < 2 ** 24:
-            raise SystemExit(f"error: no space left on {_mount_point(folder)} writing {path}; the previous "
-                             f"file (if any) is kept, free some space and run again") from None
+            raise no_space_left(folder, path) from None
         raise
     finally:
         if os.path.exists(temporary):

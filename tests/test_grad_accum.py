@@ -74,16 +74,17 @@ def test_resume_refuses_another_grad_accum_and_takes_runs_saved_before_the_flag(
 
 def test_two_gloo_processes_accumulating_equal_one_process(tmp_path):
     """2 processes x batch 4 x 2 micro-batches == 1 process x batch 16: the same images in
-    each step (flips off: they are drawn per rank), DDP's mean over ranks included."""
+    each step (flips off: they are drawn per rank), DDP's mean over ranks included. The
+    latent statistics over 33 images: the ranks' shares (17 and 16) differ by one batch."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
                "train_tokenizer.py", *STAGE1, "--out", str(tmp_path / "ddp"), "--batch-size", "4", "--grad-accum",
-               "2", "--no-hflip"]
+               "2", "--no-hflip", "--stats-images", "33"]
     result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
                             cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     train_tokenizer.main(train_tokenizer.parse_args(STAGE1 + ["--out", str(tmp_path / "one"), "--batch-size", "16",
-                                                              "--no-hflip"]))
-    assert_same_run(tmp_path / "one", tmp_path / "ddp")
+                                                              "--no-hflip", "--stats-images", "33"]))
+    assert_same_run(tmp_path / "one", tmp_path / "ddp")                     # the EMA holds the statistics
 
 
 def test_diffusion_accumulation_equals_larger_batch(tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -19,12 +20,13 @@ import torch
 from PIL import Image
 
 import evaluate
+import latents
 import sample
 import train_diffusion
 import train_tokenizer
 import training
 from data import ImageFolderData
-from test_tokenizer import TINY, TINY_ENCODER
+from test_tokenizer import TINY, TINY_ENCODER, TINY_TOKENIZER
 from test_tokenizer_long_runs import state_equal
 from test_train_diffusion import save_tokenizer
 from tokenizer import AlignTok
@@ -132,6 +134,27 @@ def test_sigint_stops_the_tokenizer_cleanly(tmp_path):
     assert process.returncode == 0 and "Traceback" not in stderr, stderr[-2000:]
     step = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
     assert f"stopped by SIGINT at step {step}; saved" in stdout and "--resume" in stdout
+
+
+def test_a_signal_during_the_latent_statistics_saves_the_weights_and_resume_finishes(tmp_path):
+    out = tmp_path / "stage1"
+    argv = ["--stage", "1", "--encoder-weights", "random", "--out", str(out), "--steps", "2", *TINY, *TINY_ENCODER,
+            *TINY_TOKENIZER, "--num-images", "4000", "--stats-images", "4000", "--batch-size", "2", "--workers", "0"]
+    process = start("train_tokenizer.py", argv)
+    wait_for(lambda: metric_lines(out) >= 2, process, "the last step")          # then 2000 batches of statistics
+    time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0 and "Traceback" not in stderr, stderr[-2000:]
+    assert "stopped by SIGTERM at step 2; saved" in stdout and "stage 1 done" not in stdout
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert checkpoint["step"] == 2 and (checkpoint["ema"]["latent_std"] == 1).all()       # weights, no statistics
+    resumed = subprocess.run([sys.executable, "train_tokenizer.py", *argv, "--resume", "--stats-images", "64"],
+                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0 and "stage 1 done: 2 steps" in resumed.stdout, resumed.stderr[-2000:]
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert checkpoint["step"] == 2 and not (checkpoint["ema"]["latent_std"] == 1).all()
+    assert [json.loads(r)["step"] for r in open(out / "metrics.jsonl")] == [1, 2]
 
 
 def test_sigterm_keeps_the_finished_sample_shards(tiny, tmp_path):
@@ -285,6 +308,40 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(small_disk, tmp_p
     assert os.listdir(small_disk) == ["checkpoint.pt"]
 
 
+FULL_CACHE = """
+import sys, latents, train_diffusion
+from tokenizer import AlignTok
+def encode(*args):
+    raise AssertionError("encoded on a full disk")
+AlignTok.encode = encode
+if sys.argv[1] == "after-the-check":       # the disk fills between the check and the reservation
+    latents.check_free_space = lambda *args: None
+train_diffusion.main(train_diffusion.parse_args(sys.argv[2:]))
+"""
+
+
+def test_a_latent_cache_larger_than_a_real_disk_is_one_line_before_encoding(tiny, small_disk, tmp_path):
+    """On a 2 MB tmpfs, a 4 MB cache: refused by the free-space check; and, where the disk
+    filled after that check, by the reservation (posix_fallocate), with the partial file
+    removed. Either way before any image is encoded, instead of a bus error mid-build.
+    Real processes: the cache lock is held until the process ends."""
+    if small_disk is None:
+        pytest.skip("mounting a tmpfs is not allowed here")
+    argv = dit_argv(tiny, tmp_path / "run", 1)
+    argv[argv.index("--cache-dir") + 1] = str(small_disk)
+    argv[argv.index("--num-images") + 1] = "8192"                     # 2 flips x 64 floats x 4 bytes an image
+    expected = {"checked": r"^error: the latent cache needs 0.00 GiB in .*disk, which has 0.00 GiB free; free space "
+                           r"or choose another --cache-dir$",
+                "after-the-check": rf"^error: no space left on {small_disk} writing {small_disk}/latents-\w+\.npy"
+                                   rf"\.\w+\.partial; the previous file \(if any\) is kept, free some space and run "
+                                   rf"again$"}
+    for case, line in expected.items():
+        result = subprocess.run([sys.executable, "-c", FULL_CACHE, case, *argv], cwd=ROOT, env=ENV,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 1 and re.match(line, result.stderr.strip()), (case, result.stderr[-2000:])
+        assert [name for name in os.listdir(small_disk) if not name.endswith(".lock")] == []
+
+
 def test_an_unwritable_out_is_one_line_before_any_work(tiny, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
@@ -387,6 +444,13 @@ def test_unreadable_images_are_skipped_counted_and_bounded(tmp_path, capsys):
     assert sorted(line.split(": ")[0].split("/")[-1] for line in skipped) == ["empty.png", "notes.png", "truncated.png"]
     records = [json.loads(line) for line in open(tmp_path / "ok" / "metrics.jsonl")]
     assert [r["bad_images"] for r in records] == [3, 3]                 # every epoch sees all, each counted once
+    # a resumed run goes on counting the run's images: the checkpoint keeps them, none is named twice
+    assert len(torch.load(tmp_path / "ok" / "checkpoint.pt", weights_only=True)["bad_images"]) == 3
+    train_tokenizer.main(train_tokenizer.parse_args(argv[:-1] + ["3", "--out", str(tmp_path / "ok"), "--resume",
+                                                                 "--max-bad-images", "0.3"]))
+    assert "skipped unreadable image" not in capsys.readouterr().out
+    records = [json.loads(line) for line in open(tmp_path / "ok" / "metrics.jsonl")]
+    assert [r["bad_images"] for r in records] == [3, 3, 3]
     with pytest.raises(SystemExit, match=r"^error: 3 unreadable images .* more than --max-bad-images 0.1 of 11"):
         train_tokenizer.main(train_tokenizer.parse_args(argv + ["--out", str(tmp_path / "bad"),
                                                                 "--max-bad-images", "0.1"]))
