@@ -3,7 +3,7 @@ Where the time goes: training steps, sampling, peak memory and our networks agai
 reference implementations. Every figure is a ratio taken in one process on one machine
 (a shared machine's load moves absolute times, not ratios), printed as one table.
 
-    python bench.py                 # the CPU table (README, Performance); ~35 min on 2 busy cores
+    python bench.py                 # the CPU table (README, Performance); 11 min alone on 2 cores
     python bench.py gpu             # the GPU suite: one table, under 8 minutes on one H100
     python bench.py gpu --dry-run   # every piece of the GPU suite started on CPU at tiny sizes (CI)
 
