@@ -15,7 +15,6 @@ dense bf16 peak (MFU). The reference rows (DINOv2 vs transformers, Inception vs
 pytorch-fid) need the test requirements (requirements-dev.txt).
 """
 import argparse
-import copy
 import os
 import re
 import resource
@@ -134,10 +133,7 @@ def tokenizer_step(model, stage, batch_size, device):
     semantic preservation against a frozen copy) or 3 (decoder), with the demo's losses: L1
     (and L_sp)."""
     model.set_trainable(stage)
-    reference = None
-    if stage == 2:                            # the frozen stage-1 encoder + adapter
-        reference = copy.deepcopy(model).requires_grad_(False)
-        del reference.decoder
+    reference = model.frozen_reference() if stage == 2 else None
     images = torch.rand(batch_size, 3, model.image_size, model.image_size, device=device) * 2 - 1
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 

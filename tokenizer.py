@@ -9,6 +9,7 @@ The file reads top to bottom: the DINOv2 ViT, the adapter, the decoder and the A
 module that joins them; then the stage-0 stand-in classifier for runs without DINOv2
 weights; then reading DINOv2 weight files (official .pth, Hugging Face safetensors or bin).
 """
+import copy
 import json
 import math
 import os
@@ -406,6 +407,13 @@ class AlignTok(nn.Module):
             getattr(self, name).requires_grad_(True)
         self.encoder.mask_token.requires_grad_(False)   # unused outside DINOv2's own pretraining
         return self
+
+    def frozen_reference(self):
+        """Stage 2's frozen copy of the stage-1 encoder + adapter (no decoder), the target of
+        semantic preservation."""
+        reference = copy.deepcopy(self)
+        del reference.decoder
+        return reference.requires_grad_(False).eval()
 
 
 def load_tokenizer(path, use_ema=True):

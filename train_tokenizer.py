@@ -106,13 +106,6 @@ def build_tokenizer(args, init):
     return tokenizer
 
 
-def frozen_reference(tokenizer):
-    """Stage 2's frozen copy of the stage-1 encoder + adapter (no decoder)."""
-    reference = copy.deepcopy(tokenizer)
-    del reference.decoder
-    return reference.requires_grad_(False).eval()
-
-
 def stand_in_classifier(args, num_classes):
     """Stage 0: a DINOv2-architecture encoder with a classifier head, from scratch."""
     # The throw-away encoder only resolves the architecture name; it also fixes the RNG
@@ -132,7 +125,7 @@ def build_stage(args, init, num_classes):
         raise SystemExit(f"error: the model flags do not fit together: {error}") from None
     if args.stage == 0:
         return model, [{"params": [p for p in model.parameters() if p.requires_grad], "lr": args.lr}], None
-    reference = frozen_reference(model) if args.stage == 2 else None
+    reference = model.frozen_reference() if args.stage == 2 else None
     model.set_trainable(args.stage)
     encoder_params = [p for p in model.encoder.parameters() if p.requires_grad]
     other_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("encoder.")]

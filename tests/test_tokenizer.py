@@ -49,18 +49,18 @@ def stages(tmp_path_factory):
     checkpoints[1] = run_stage(1, root / "s1", "--encoder-weights", str(root / "s0" / "checkpoint.pt"),
                                *TINY_TOKENIZER)
     captured = {}
-    original = train_tokenizer.frozen_reference
+    original = AlignTok.frozen_reference
 
     def capture(tokenizer):
         captured["reference"] = original(tokenizer)
         captured["initial"] = {k: v.clone() for k, v in captured["reference"].state_dict().items()}
         return captured["reference"]
 
-    train_tokenizer.frozen_reference = capture
+    AlignTok.frozen_reference = capture
     try:
         checkpoints[2] = run_stage(2, root / "s2", "--init", str(root / "s1" / "checkpoint.pt"))
     finally:
-        train_tokenizer.frozen_reference = original
+        AlignTok.frozen_reference = original
     checkpoints[3] = run_stage(3, root / "s3", "--init", str(root / "s2" / "checkpoint.pt"))
     return root, checkpoints, captured
 
