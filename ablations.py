@@ -25,7 +25,7 @@ import evaluate
 import sample
 import train_diffusion
 import train_tokenizer
-from plot import draw_panels
+from plot import draw_panels, mean_interval
 from training import atomic_path, save_json
 
 
@@ -235,16 +235,17 @@ def write_report(results, budget, out):
         f.write("\n".join(lines) + "\n")
 
     panels = []
-    for key, title in (("class_agreement_samples", "class agreement of the samples"),
-                       ("fd_stand_in_samples", "Frechet distance of the samples (stand-in)")):
+    for key, title, ylabel in (("class_agreement_samples", "class agreement of the samples", "agreement (fraction)"),
+                               ("fd_stand_in_samples", "Frechet distance of the samples (stand-in)",
+                                "Frechet distance (stand-in features)")):
         series = []
         for name, seeds in results.items():
             steps = [r["dit_steps"] for r in seeds[0]]
             per_step = [[runs[i][key] for runs in seeds] for i in range(len(steps))]
-            series.append(dict(label=name, x=steps, y=[mean_std(v)[0] for v in per_step],
-                               low=[min(v) for v in per_step], high=[max(v) for v in per_step],
+            mean, low, high = zip(*(mean_interval(v) for v in per_step))   # 95% interval of the mean over seeds
+            series.append(dict(label=name, x=steps, y=list(mean), low=list(low), high=list(high),
                                points=[(s, v) for s, vs in zip(steps, per_step) for v in vs]))
-        panels.append(dict(title=title, xlabel="LightningDiT training steps", ylabel=key.split("_")[0], series=series))
+        panels.append(dict(title=title, xlabel="LightningDiT training steps", ylabel=ylabel, series=series))
     with atomic_path(os.path.join(out, "convergence.png")) as temporary:
         draw_panels(panels, columns=1).save(temporary)
 
