@@ -315,7 +315,7 @@ def guided_velocity(model, x, t, y, cfg_scale, cfg_interval, cfg_channels, null_
 
 @torch.no_grad()
 def sample(model, noise, y, steps=50, method="euler", cfg_scale=1.0, cfg_interval=0.0,
-           shift=0.3, cfg_channels=None):
+           shift=0.3, cfg_channels=None, trajectory=None):
     """Integrates dx/dt = v(x, t, y) from noise at t=0 to data at t=1.
 
     model: any callable model(x, t, y) -> v (a LightningDiT, or an analytic field);
@@ -330,6 +330,9 @@ def sample(model, noise, y, steps=50, method="euler", cfg_scale=1.0, cfg_interva
     cfg_interval: guidance only where the (shifted) t >= this value.
     cfg_channels: guide only the first cfg_channels channels (3 reproduces the released
         LightningDiT); None guides all channels.
+    trajectory: a list to which (t, predicted clean latent) is appended at each grid point,
+        the prediction x_t + (1 - t) v (x_t = t x + (1-t) eps and v = x - eps give x);
+        at t = 1 it is the sample itself.
     """
     if method not in ("euler", "heun"):
         raise ValueError(f"unknown sampling method {method!r}; use 'euler' or 'heun'")
@@ -350,12 +353,16 @@ def sample(model, noise, y, steps=50, method="euler", cfg_scale=1.0, cfg_interva
         t_cur, t_next = grid[i], grid[i + 1]
         dt = t_next - t_cur
         v_cur = velocity(x, t_cur)
+        if trajectory is not None:
+            trajectory.append((t_cur.item(), x + (1 - t_cur) * v_cur))
         x_euler = x + dt * v_cur
         heun_step = method == "heun" and 2 * (i + 1) <= steps
         if heun_step:
             x = x + dt * 0.5 * (v_cur + velocity(x_euler, t_next))
         else:
             x = x_euler
+    if trajectory is not None:
+        trajectory.append((1.0, x))
     return x
 
 

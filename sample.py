@@ -12,6 +12,10 @@ A PNG grid of chosen classes, one row per class (as DiT's sample.py):
 
     python sample.py --ckpt runs/demo/dit/checkpoint.pt --grid grid.png --classes 0 3 7 --per-class 8
 
+The sampler's path, the clean image predicted at several t, one row per class:
+
+    python sample.py --ckpt runs/demo/dit/checkpoint.pt --trajectory trajectory.png --classes 0 3 7
+
 Sample i is drawn from noise seeded by (--seed, i) alone and has label i mod num_classes,
 so any number of ranks, any batch size and any interruption give the same images. The
 shards are keyed to the DiT and tokenizer weights (content hashes) and the sampling flags:
@@ -60,19 +64,24 @@ def set_precision(precision):
 
 
 @torch.no_grad()
-def sample_images(model, tok, indices, args, device, labels=None):
+def sample_images(model, tok, indices, args, device, labels=None, trajectory=None):
     """Decoded samples (n, 3, H, W) in [-1, 1] of the given sample indices, and their labels
-    (n,): class-balanced (i mod num_classes) unless labels are given."""
+    (n,): class-balanced (i mod num_classes) unless labels are given. trajectory: a list that
+    receives the decoded clean-image predictions (t, (n, 3, H, W)) along the sampler's path."""
     config = model.config
     shape = (config["in_channels"], config["input_size"], config["input_size"])
     if labels is None:
         labels = torch.tensor([i % config["num_classes"] for i in indices])
     noise = sample_noise(args.seed, indices, shape).to(device)                # (n, C, h, w)
+    path = [] if trajectory is not None else None
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
         x = dit.sample(model, noise, labels.to(device), steps=args.steps, method=args.method,
                        cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval, shift=args.shift,
-                       cfg_channels=args.cfg_channels)
+                       cfg_channels=args.cfg_channels, trajectory=path)
         images = tok.decode(tok.denormalize(x))
+        if trajectory is not None:
+            trajectory += [(t, tok.decode(tok.denormalize(x_hat)).float()) for t, x_hat in path[:-1]]
+            trajectory.append((1.0, images.float()))
     return images.float(), labels
 
 
@@ -178,16 +187,36 @@ def write_sample_batch(model, tok, settings, args, rank, world_size, device, sto
         print(f"wrote {args.num} samples to {args.out} (shards kept in {folder})")
 
 
-def write_grid(model, tok, args, device):
-    """A PNG with one row of --per-class samples for each of --classes."""
-    classes = args.classes if args.classes else list(range(min(10, model.config["num_classes"])))
+def chosen_classes(model, args, default):
+    classes = args.classes if args.classes else list(range(min(default, model.config["num_classes"])))
     bad = [c for c in classes if not 0 <= c < model.config["num_classes"]]
     if bad:
         raise SystemExit(f"error: --classes {bad} outside 0..{model.config['num_classes'] - 1}")
+    return classes
+
+
+def write_grid(model, tok, args, device):
+    """A PNG with one row of --per-class samples for each of --classes."""
+    classes = chosen_classes(model, args, 10)
     labels = torch.tensor(classes).repeat_interleave(args.per_class)
     images, _ = sample_images(model, tok, list(range(len(labels))), args, device, labels=labels)
     save_grid(images, args.grid, nrow=args.per_class)
     print(f"wrote {len(classes)} classes x {args.per_class} samples to {args.grid}")
+
+
+def write_trajectory(model, tok, args, device):
+    """A PNG of the sampler's path, one row per class of --classes (sample i, as in --grid
+    with --per-class 1): the decoded clean image predicted from the current state and
+    velocity at --trajectory-columns points of the time grid, from t = 0 (noise) to t = 1
+    (the sample, the last column)."""
+    labels = torch.tensor(chosen_classes(model, args, 4))
+    path = []
+    sample_images(model, tok, list(range(len(labels))), args, device, labels=labels, trajectory=path)
+    picks = np.linspace(0, len(path) - 1, min(args.trajectory_columns, len(path))).round().astype(int)
+    images = torch.stack([path[k][1] for k in picks], dim=1)                   # (n, columns, 3, H, W)
+    save_grid(images.flatten(0, 1), args.trajectory, nrow=len(picks))
+    print(f"wrote {len(labels)} samples x {len(picks)} predictions at t = "
+          f"{', '.join(f'{path[k][0]:.3g}' for k in picks)} to {args.trajectory}")
 
 
 #################################################################################
@@ -196,7 +225,8 @@ def write_grid(model, tok, args, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    check_writable(args.grid or args.out, "--grid" if args.grid else "--out")
+    picture = "--grid" if args.grid else "--trajectory" if args.trajectory else None
+    check_writable(args.grid or args.trajectory or args.out, picture or "--out")
     stop = StopSignal()
     rank, world_size, device = setup_distributed(args.device, timeout=args.dist_timeout)
     set_precision(args.precision)
@@ -208,9 +238,9 @@ def main(argv=None):
     if args.cfg_channels is not None and args.cfg_channels > model.config["in_channels"]:
         raise SystemExit(f"error: --cfg-channels {args.cfg_channels} exceeds the model's {model.config['in_channels']} "
                          f"latent channels; pass at most that, or leave it out to guide every channel")
-    if args.grid:
+    if picture:
         if rank == 0:
-            write_grid(model.to(device), tok.to(device), args, device)
+            (write_grid if args.grid else write_trajectory)(model.to(device), tok.to(device), args, device)
     else:
         settings = sample_settings(model, checkpoint, tok, args)
         write_sample_batch(model.to(device), tok.to(device), settings, args, rank, world_size, device, stop)
@@ -225,7 +255,14 @@ def parse_args(argv=None):
                         help="tokenizer checkpoint (default: the DiT checkpoint's)")
     parser.add_argument("--out", help="the sample batch npz (ADM's layout)")
     parser.add_argument("--grid", help="instead of --out: a PNG grid, one row per class of --classes")
-    parser.add_argument("--classes", type=int, nargs="+", help="classes of the grid (default: the first 10)")
+    parser.add_argument("--trajectory", help="instead of --out: a PNG of the decoded clean-image prediction along "
+                                             "the sampler's path, one row per class of --classes (default: the "
+                                             "first 4), columns from t=0 (noise) to t=1 (the sample)")
+    parser.add_argument("--trajectory-columns", type=positive_int, default=6,
+                        help="points of the time grid shown by --trajectory, evenly spaced, the first and last "
+                             "included (our choice: 6)")
+    parser.add_argument("--classes", type=int, nargs="+",
+                        help="classes of the grid (default: the first 10) or of the trajectory")
     parser.add_argument("--per-class", type=positive_int, default=8, help="samples per class row of the grid")
     parser.add_argument("--num-samples", "--num", dest="num", type=positive_int, default=50000,
                         help="number of samples (50 per class for ImageNet); under torchrun spell it "
@@ -250,8 +287,8 @@ def parse_args(argv=None):
                              "joins the ranks, the shards are awaited on the file system (our choice: NCCL's 600)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    if not (args.out or args.grid):
-        parser.error("pass --out PATH for a sample batch npz or --grid PATH for a PNG grid")
+    if not (args.out or args.grid or args.trajectory):
+        parser.error("pass --out PATH for a sample batch npz, --grid PATH for a PNG grid or --trajectory PATH")
     return args
 
 

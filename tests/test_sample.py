@@ -162,6 +162,51 @@ def test_grid_of_chosen_classes(tmp_path):
         sample.main(["--ckpt", dit_path, "--grid", grid, "--classes", "3", "--device", "cpu"])
 
 
+def test_trajectory_ends_at_the_sample_of_the_same_seed_and_label(tmp_path):
+    """Its last column is --grid's sample of the same seed and label; its first, by hand, the
+    clean image predicted from the noise at t = 0 (x_0 + v; guidance is off below 0.1)."""
+    import dit
+    tok, _, _, dit_path = tiny_checkpoints(tmp_path)
+    checkpoint = torch.load(dit_path, weights_only=True)
+    checkpoint["ema"] = {k: v * 6 if v.is_floating_point() else v for k, v in checkpoint["ema"].items()}
+    torch.save(checkpoint, dit_path)                 # a DiT whose velocity changes along the path
+    model = dit.load_dit(dit_path)[0]
+    flags = ["--ckpt", dit_path, "--classes", "2", "0", "--steps", "4", "--method", "heun", "--seed", "3",
+             "--cfg-scale", "1.5", "--device", "cpu"]
+    trajectory, grid = str(tmp_path / "trajectory.png"), str(tmp_path / "grid.png")
+    sample.main([*flags, "--trajectory", trajectory, "--trajectory-columns", "3"])
+    sample.main([*flags, "--grid", grid, "--per-class", "1"])
+    with Image.open(trajectory) as image, Image.open(grid) as reference:
+        path, final = np.asarray(image).astype(int), np.asarray(reference).astype(int)
+    assert path.shape == (2 + 2 * 34, 2 + 3 * 34, 3)                  # rows: samples, columns: t
+    for row in range(2):
+        cell = lambda array, column: array[2 + 34 * row:34 * (row + 1), 2 + 34 * column:34 * (column + 1)]
+        assert np.array_equal(cell(path, 2), cell(final, 0))           # t = 1: the sample itself
+        noise = sample.sample_noise(3, [row], (4, 8, 8))
+        with torch.no_grad():
+            x_hat = noise + model(noise, torch.zeros(1), torch.tensor([[2, 0][row]]))
+            first = sample.to_uint8(tok.decode(tok.denormalize(x_hat)))[0].astype(int)
+        assert np.abs(cell(path, 0) - first).max() <= 1                   # t = 0: the prediction from noise
+
+
+def test_predicted_clean_image_on_a_point_mass():
+    """Data that is one point mu: the exact velocity is v = (mu - x_t) / (1 - t), and the
+    prediction from the current state and velocity must be mu at every t of the path."""
+    import dit
+    mu = torch.tensor([1.5, -0.5, 0.0, 2.0], dtype=torch.float64).view(1, -1, 1, 1)
+    field = lambda x, t, y: (mu - x) / (1 - t.view(-1, 1, 1, 1))
+    noise = torch.randn(3, 4, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for method in ("euler", "heun"):
+        path = []
+        out = dit.sample(field, noise, torch.zeros(3, dtype=torch.long), steps=6, method=method, shift=0.3,
+                         trajectory=path)
+        times = [t for t, _ in path]
+        assert times[0] == 0 and times[-1] == 1 and times == sorted(times) and len(set(times)) == len(times)
+        for t, x_hat in path[:-1]:             # (at t = 1 Heun's last evaluation divides by 1 - t = 0)
+            torch.testing.assert_close(x_hat, mu.expand_as(noise), rtol=0, atol=1e-12, msg=f"t = {t}")
+        assert torch.equal(path[-1][1], out)
+
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
