@@ -8,6 +8,7 @@ latents and FD_DINOv2, with the commands that compute them:
         --inception-weights pt_inception-2015-12-05-6726825d.pth --out metrics.json
     python evaluate.py recon --tokenizer tok.pt --data /data/imagenet/val
     python evaluate.py report ...      # the embedded demo's summary (run_demo.sh)
+    python evaluate.py pca --tokenizer tok.pt --data synthetic --out pca.png   # the latent's top 3 PCs as RGB
 
 Sample batches come from sample.py. File layouts (numpy .npz):
     statistics  mu, sigma (pytorch-fid) and mu_s, sigma_s (ADM's sFID keys), plus `pool`:
@@ -361,6 +362,31 @@ def measure_reconstructions(tok, dataset, args, feature_fns, probe="mean", quant
 
 
 #################################################################################
+#                          The latent's principal components                    #
+#################################################################################
+
+def latent_pca(z, percentile=0.0):
+    """The top three principal components of latents z (N, C, h, w), taken over all N*h*w
+    positions, as RGB maps (N, 3, h, w) in [0, 1], and the components (3, C). An SVD's
+    signs are arbitrary: each component is turned so that its largest-|loading| entry is
+    positive. Each is scaled from its percentile-th to its (100 - percentile)-th percentile
+    over all positions (0: min to max) to [0, 1], clipped."""
+    N, C, h, w = z.shape
+    if C < 3 or N * h * w < 3:
+        raise SystemExit(f"error: a PCA picture needs at least 3 latent channels and 3 positions, got {C} and "
+                         f"{N * h * w}; pass a tokenizer with more channels or more images")
+    x = z.permute(0, 2, 3, 1).reshape(-1, C).double()                     # (N*h*w, C)
+    x = x - x.mean(0)
+    components = torch.linalg.svd(x, full_matrices=False).Vh[:3]          # (3, C)
+    largest = components.gather(1, components.abs().argmax(1, keepdim=True))
+    components = components * largest.sign()
+    p = x @ components.t()                                                 # (N*h*w, 3)
+    low, high = torch.quantile(p, torch.tensor([percentile / 100, 1 - percentile / 100], dtype=p.dtype), dim=0)
+    p = ((p - low) / (high - low).clamp_min(1e-12)).clamp(0, 1)
+    return p.reshape(N, h, w, 3).permute(0, 3, 1, 2).float(), components
+
+
+#################################################################################
 #                                   Commands                                    #
 #################################################################################
 
@@ -512,6 +538,24 @@ def cmd_report(args):
     report(results, args.out)
 
 
+@torch.no_grad()
+def cmd_pca(args):
+    """The row of input images over the row of their latents' top three principal
+    components as RGB (latent_pca over all positions of all the images), each map
+    upsampled (nearest) to the image size."""
+    if args.percentile >= 50:
+        raise SystemExit(f"error: --percentile {args.percentile} leaves no range to scale; pass less than 50")
+    tok = read_or_exit(load_tokenizer, args.tokenizer, "--tokenizer").to(args.device)
+    images, latents = [], []
+    for batch in dataset_batches(data_from_args(args, tok.image_size), args.batch_size, args.workers):
+        images.append(batch)                                               # (n, 3, H, W) in [0, 1]
+        latents.append(tok.encode(2 * batch.to(args.device) - 1).float().cpu())   # (n, C, h, w)
+    images = torch.cat(images)
+    maps = F.interpolate(latent_pca(torch.cat(latents), args.percentile)[0], size=images.shape[-2:], mode="nearest")
+    save_grid(torch.cat((images, maps)) * 2 - 1, args.out, nrow=len(images))
+    print(f"wrote {len(images)} images over their latents' top 3 principal components to {args.out}")
+
+
 #################################################################################
 #                                 Command line                                  #
 #################################################################################
@@ -602,15 +646,25 @@ def build_parser():
     summary.add_argument("--recon-png", required=True, help="where to write originals over reconstructions")
     summary.add_argument("--samples-png", required=True, help="where to write the samples, one row per class")
     summary.add_argument("--grid-columns", type=positive_int, default=10, help="samples per class in samples.png")
+
+    pca = commands.add_parser("pca", help="input images over their latents' top 3 principal components as RGB")
+    add_common(pca)
+    add_data(pca)
+    pca.set_defaults(num_images=8)
+    pca.add_argument("--tokenizer", required=True, type=input_path(), help="tokenizer checkpoint")
+    pca.add_argument("--percentile", type=non_negative_float, default=0.0,
+                     help="scale each component from this percentile to 100 minus it over all positions to [0, 1], "
+                          "clipped (our choice: 0, min to max; 1 keeps outliers from washing out the colours); "
+                          "--num-images defaults to 8 here")
     return parser
 
 
-COMMANDS = {"stats": cmd_stats, "metrics": cmd_metrics, "recon": cmd_recon, "report": cmd_report}
+COMMANDS = {"stats": cmd_stats, "metrics": cmd_metrics, "recon": cmd_recon, "report": cmd_report, "pca": cmd_pca}
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.command == "stats" and not args.out:
+    if args.command in ("stats", "pca") and not args.out:
         raise SystemExit(f"{args.command}: pass --out PATH")
     if getattr(args, "out", None):
         check_writable(args.out)

@@ -458,3 +458,56 @@ def test_recon_end_to_end(tmp_path, capsys):
         results = json.load(f)
     assert results["num_images"] == 10 and math.isfinite(results["psnr"]) and -1 < results["ssim"] < 1
     assert results["fd_tokenizer_encoder"] > 0 and 0 <= results["linear_probe"] <= 1
+
+
+def reference_pca(z, percentile=0.0):
+    """The top three principal components by numpy's SVD, made independently of latent_pca:
+    signs so that the largest-|loading| entry is positive, percentile scaling, (N, h, w, 3)."""
+    N, C, h, w = z.shape
+    x = z.double().numpy().transpose(0, 2, 3, 1).reshape(-1, C)
+    x = x - x.mean(0)
+    vh = np.linalg.svd(x, full_matrices=False)[2][:3]
+    vh = vh * np.sign(vh[np.arange(3), np.abs(vh).argmax(1)])[:, None]
+    p = x @ vh.T
+    low, high = np.percentile(p, percentile, axis=0), np.percentile(p, 100 - percentile, axis=0)
+    return np.clip((p - low) / (high - low), 0, 1).reshape(N, h, w, 3), vh
+
+
+def test_pca_picture_matches_numpy_svd(tmp_path):
+    from PIL import Image
+    tok, _, tok_path, _ = tiny_checkpoints(tmp_path)
+    out = str(tmp_path / "pca.png")
+    main(["pca", "--tokenizer", tok_path, "--data", "synthetic", "--num-images", "5", "--batch-size", "2",
+          "--workers", "0", "--device", "cpu", "--out", out])
+    args = evaluate.build_parser().parse_args(["pca", "--tokenizer", tok_path, "--data", "synthetic",
+                                               "--num-images", "5", "--out", out])
+    images = torch.stack([image for image, _ in evaluate.data_from_args(args, 32)])       # (5, 3, 32, 32)
+    with torch.no_grad():
+        z = tok.encode(images)                                                            # (5, 4, 8, 8)
+    expected, _ = reference_pca(z)
+    expected = np.repeat(np.repeat(expected, 4, axis=1), 4, axis=2)                       # nearest, 8 -> 32 px
+    with Image.open(out) as image:
+        pixels = np.asarray(image).astype(int)
+    assert pixels.shape == (2 + 2 * 34, 2 + 5 * 34, 3)                 # inputs over PCA maps
+    for i in range(5):
+        inputs = pixels[2:34, 2 + 34 * i:34 * (i + 1)]
+        maps = pixels[36:68, 2 + 34 * i:34 * (i + 1)]
+        assert np.abs(inputs - np.floor((images[i].permute(1, 2, 0).numpy() + 1) / 2 * 255 + 0.5)).max() <= 1
+        assert np.abs(maps - np.floor(expected[i] * 255 + 0.5)).max() <= 1, i
+    assert pixels[36:68].std() > 20                                    # the maps span the colour range
+
+
+def test_pca_signs_scaling_and_channel_order():
+    z = torch.randn(3, 6, 5, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    z = z * torch.tensor([3.0, 0.5, 2.0, 1.0, 0.2, 1.5], dtype=torch.float64).view(1, -1, 1, 1)
+    maps, components = evaluate.latent_pca(z)
+    largest = components[torch.arange(3), components.abs().argmax(1)]
+    assert (largest > 0).all()                                         # the sign convention
+    expected, vh = reference_pca(z)
+    np.testing.assert_allclose(components.numpy(), vh, atol=1e-10)
+    np.testing.assert_allclose(maps.permute(0, 2, 3, 1).numpy(), expected, atol=1e-6)
+    assert maps.amin(dim=(0, 2, 3)).tolist() == [0, 0, 0] and maps.amax(dim=(0, 2, 3)).tolist() == [1, 1, 1]
+    clipped, _ = evaluate.latent_pca(z, percentile=10)
+    np.testing.assert_allclose(clipped.permute(0, 2, 3, 1).numpy(), reference_pca(z, 10)[0], atol=1e-6)
+    permuted, _ = evaluate.latent_pca(z[:, [4, 2, 0, 5, 1, 3]])       # channel order is arbitrary
+    np.testing.assert_allclose(permuted.numpy(), maps.numpy(), atol=1e-6)
