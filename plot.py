@@ -95,11 +95,13 @@ def draw_panel(draw, left, top, panel, font):
         draw.line((x0 + 1, py, x1 - 1, py), fill=(230, 230, 230))
         draw.text((x0 - 6, py), label, fill="black", font=font, anchor="rm")
     draw.text(((x0 + x1) / 2, y1 + 26), panel.get("xlabel", ""), fill="black", font=font, anchor="mt")
-    draw.text((left + 4, top + 19), panel.get("ylabel", ""), fill="black", font=font, anchor="lt")   # y-axis title, above it
+    # The y-axis title sits above the axis, under the panel title (Pillow draws no rotated text).
+    draw.text((left + 4, top + 19), panel.get("ylabel", ""), fill="black", font=font, anchor="lt")
     for i, s in enumerate(series):
         color = tuple(s.get("color", COLORS[i % len(COLORS)]))
         if "low" in s and "high" in s:
-            inside = [(x, lo, hi) for x, lo, hi in zip(s["x"], s["low"], s["high"]) if lo is not None and hi is not None]
+            inside = [(x, lo, hi) for x, lo, hi in zip(s["x"], s["low"], s["high"])
+                      if lo is not None and hi is not None]                      # a single seed has none
             band = [to_px(x, hi) for x, _, hi in inside] + [to_px(x, lo) for x, lo, _ in reversed(inside)]
             if len(band) >= 3:
                 draw.polygon(band, fill=tuple(int(c + (255 - c) * 0.75) for c in color))
