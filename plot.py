@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75),
           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
-PANEL_W, PANEL_H, MARGIN_L, MARGIN_R, MARGIN_T, MARGIN_B = 660, 340, 78, 156, 34, 52   # legend in MARGIN_R
+PANEL_W, PANEL_H, MARGIN_L, MARGIN_R, MARGIN_T, MARGIN_B = 700, 340, 78, 196, 34, 52   # legend in MARGIN_R
 
 
 #################################################################################
@@ -97,7 +97,7 @@ def draw_panel(draw, left, top, panel, font):
     draw.text(((x0 + x1) / 2, y1 + 26), panel.get("xlabel", ""), fill="black", font=font, anchor="mt")
     # The y-axis title sits above the axis, under the panel title (Pillow draws no rotated text).
     draw.text((left + 4, top + 19), panel.get("ylabel", ""), fill="black", font=font, anchor="lt")
-    for i, s in enumerate(series):
+    for i, s in enumerate(series):      # every band first, so that no band hides another series' line
         color = tuple(s.get("color", COLORS[i % len(COLORS)]))
         if "low" in s and "high" in s:
             inside = [(x, lo, hi) for x, lo, hi in zip(s["x"], s["low"], s["high"])
@@ -105,6 +105,8 @@ def draw_panel(draw, left, top, panel, font):
             band = [to_px(x, hi) for x, _, hi in inside] + [to_px(x, lo) for x, lo, _ in reversed(inside)]
             if len(band) >= 3:
                 draw.polygon(band, fill=tuple(int(c + (255 - c) * 0.75) for c in color))
+    for i, s in enumerate(series):
+        color = tuple(s.get("color", COLORS[i % len(COLORS)]))
         line = [to_px(x, y) for x, y in zip(s["x"], s["y"]) if y is not None and math.isfinite(y)]
         if len(line) > 1:
             draw.line(line, fill=color, width=2)
