@@ -22,11 +22,12 @@ import signal
 import time
 
 import evaluate
+import harness
+from plot import draw_panels, mean_interval
 import sample
 import train_diffusion
+import train_stand_in
 import train_tokenizer
-from plot import draw_panels, mean_interval
-from training import atomic_path, save_json
 
 
 #################################################################################
@@ -76,7 +77,8 @@ def run(script, argv, log, done):
     print(f"$ {line}", flush=True)
     with open(log, "a") as f:
         f.write(line + "\n")
-    entry = {"train_tokenizer.py": lambda a: train_tokenizer.main(train_tokenizer.parse_args(a)),
+    entry = {"train_stand_in.py": lambda a: train_stand_in.main(train_stand_in.parse_args(a)),
+             "train_tokenizer.py": lambda a: train_tokenizer.main(train_tokenizer.parse_args(a)),
              "train_diffusion.py": lambda a: train_diffusion.main(train_diffusion.parse_args(a)),
              "sample.py": sample.main, "evaluate.py": evaluate.main}[script]
     handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
@@ -103,11 +105,13 @@ def finished(folder, steps):
 
 
 def tokenizer_stage(stage, folder, steps, flags, budget, seed, log):
+    """Stage 0 (the stand-in, train_stand_in.py) or tokenizer stage 1-3 of a seed, unless done."""
+    script, stage_flags = ("train_stand_in.py", []) if stage == 0 else \
+        ("train_tokenizer.py", ["--stage", str(stage), "--perceptual-weight", "0", "--disc-weight", "0"])
     if not finished(folder, steps):
-        run("train_tokenizer.py", ["--stage", str(stage), "--out", folder, "--steps", str(steps),
-             "--seed", str(seed), "--data", "synthetic", "--image-size", "32", "--encoder-size", "32",
-             "--num-images", str(budget["images"]), "--perceptual-weight", "0", "--disc-weight", "0", "--resume",
-             *flags], log, lambda: finished(folder, steps))
+        run(script, [*stage_flags, "--out", folder, "--steps", str(steps), "--seed", str(seed), "--data", "synthetic",
+                     "--image-size", "32", "--encoder-size", "32", "--num-images", str(budget["images"]), "--resume",
+                     *flags], log, lambda: finished(folder, steps))
     return os.path.join(folder, "checkpoint.pt")
 
 
@@ -231,7 +235,7 @@ def write_report(results, budget, out):
         # claim "a is worse than b": b must beat a; claim "a is better": a must beat b.
         result = verdict(ours, other, True) if a_is_better else verdict(other, ours, True)
         lines.append(f"| {claim} | {result} | {a}: {cell(ours)}; {b}: {cell(other)} |")
-    with atomic_path(os.path.join(out, "results.md")) as temporary, open(temporary, "w") as f:
+    with harness.atomic_path(os.path.join(out, "results.md")) as temporary, open(temporary, "w") as f:
         f.write("\n".join(lines) + "\n")
 
     panels = []
@@ -246,7 +250,7 @@ def write_report(results, budget, out):
             series.append(dict(label=name, x=steps, y=list(mean), low=list(low), high=list(high),
                                points=[(s, v) for s, vs in zip(steps, per_step) for v in vs]))
         panels.append(dict(title=title, xlabel="LightningDiT training steps", ylabel=ylabel, series=series))
-    with atomic_path(os.path.join(out, "convergence.png")) as temporary:
+    with harness.atomic_path(os.path.join(out, "convergence.png")) as temporary:
         draw_panels(panels, columns=1).save(temporary)
 
 
@@ -273,7 +277,8 @@ def main(argv=None):
             seed_dir = os.path.join(out, f"seed{seed}")
             tokenizer = tokenizer_of(name, seed_dir, budget, seed, log)
             results.setdefault(name, []).append(diffusion_curve(name, tokenizer, seed_dir, budget, seed, log))
-    save_json(os.path.join(out, "results.json"), dict(budget=budget, results=results, wall_seconds=time.time() - start))
+    harness.save_json(os.path.join(out, "results.json"),
+                      dict(budget=budget, results=results, wall_seconds=time.time() - start))
     write_report(results, budget, out)
     print(f"wrote {out}/results.md, results.json and convergence.png ({time.time() - start:.0f} s)")
 

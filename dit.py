@@ -20,7 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from layers import Attention, PatchEmbed, SwiGLU, check_config, constructor_config, load_state_dict_strict, read_weights
+from layers import Attention, PatchEmbed, SwiGLU, check_config, constructor_config
+from weights import load_state_dict_strict, read_weights
 
 
 #################################################################################

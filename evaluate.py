@@ -38,10 +38,10 @@ import torch.nn.functional as F
 from scipy import linalg
 
 from data import ReportUnreadable, build_dataset
+import harness
 from inception import INCEPTION_FILE, INCEPTION_HELP, INCEPTION_URL, PREPROCESS, download_inception, load_inception
 from tokenizer import encoder_input, load_dinov2, load_stand_in, load_tokenizer
-from training import (check_writable, input_path, non_negative_float, non_negative_int, positive_int, psnr,
-                      read_or_exit, save_grid, save_json, save_npz, unit_interval)
+from training import psnr
 
 
 #################################################################################
@@ -356,7 +356,7 @@ def measure_reconstructions(tok, dataset, args, feature_fns, probe="mean", quant
             features[name][0].append(fn(images).cpu())
             features[name][1].append(fn(recon).cpu())
         if grid_path and len(psnrs) == 1:
-            save_grid(torch.cat((images[:10], recon[:10])) * 2 - 1, grid_path, nrow=min(10, len(images)))
+            harness.save_grid(torch.cat((images[:10], recon[:10])) * 2 - 1, grid_path, nrow=min(10, len(images)))
     return {"labels": labels, "psnr": torch.cat(psnrs), "ssim": torch.cat(ssims), "latents": torch.cat(latents),
             "features": {name: (torch.cat(real), torch.cat(fake)) for name, (real, fake) in features.items()}}
 
@@ -424,7 +424,7 @@ def cmd_stats(args):
                        keys=("pool", "spatial"))
     mu, sigma = statistics(features["pool"])
     mu_s, sigma_s = statistics(features["spatial"])
-    save_npz(args.out, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s, pool=features["pool"],
+    harness.save_npz(args.out, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s, pool=features["pool"],
              preprocess=np.array(preprocess))
     print(f"wrote statistics of {len(features['pool'])} images to {args.out}")
 
@@ -466,11 +466,11 @@ def cmd_metrics(args):
 def report(results, out):
     print(json.dumps(results, indent=2))
     if out:
-        save_json(out, results)
+        harness.save_json(out, results)
 
 
 def cmd_recon(args):
-    tok = read_or_exit(load_tokenizer, args.tokenizer, "--tokenizer").to(args.device)
+    tok = harness.read_or_exit(load_tokenizer, args.tokenizer, "--tokenizer").to(args.device)
     inception = inception_from_args(args, "rFID", "pytorch-fid" if args.preprocess == "auto" else args.preprocess)
     if inception is not None:
         name, fn = "rfid", inception
@@ -507,7 +507,8 @@ def report_samples(classifier, real, args):
         for image, label in zip(images.cpu(), targets.tolist()):
             rows.setdefault(label, []).append(image)
     columns = min(args.grid_columns, *(len(row) for row in rows.values()))
-    save_grid(torch.cat([torch.stack(rows[label][:columns]) for label in sorted(rows)]), args.samples_png, nrow=columns)
+    harness.save_grid(torch.cat([torch.stack(rows[label][:columns]) for label in sorted(rows)]), args.samples_png,
+                      nrow=columns)
     return {"num_samples": len(sample_labels),
             "fd_stand_in_samples": feature_distance(real, torch.cat(features).cpu()),
             "class_agreement_samples": torch.cat(agreement).float().mean().item()}
@@ -519,8 +520,8 @@ def cmd_report(args):
     stage-0 stand-in encoder's features (no Inception or DINOv2 weights needed), the
     latents' linear probe, and how often the stand-in classifier sees in a sample the
     class it was conditioned on. Writes metrics.json, recon.png and samples.png."""
-    classifier = read_or_exit(load_stand_in, args.stand_in, "--stand-in").to(args.device)
-    tok = read_or_exit(load_tokenizer, args.tokenizer, "--tokenizer").to(args.device)
+    classifier = harness.read_or_exit(load_stand_in, args.stand_in, "--stand-in").to(args.device)
+    tok = harness.read_or_exit(load_tokenizer, args.tokenizer, "--tokenizer").to(args.device)
     measured = measure_reconstructions(tok, data_from_args(args, tok.image_size), args,
                                        {"stand_in": lambda images: classifier.features(2 * images - 1)},
                                        grid_path=args.recon_png)
@@ -545,14 +546,14 @@ def cmd_pca(args):
     upsampled (nearest) to the image size."""
     if args.percentile >= 50:
         raise SystemExit(f"error: --percentile {args.percentile} leaves no range to scale; pass less than 50")
-    tok = read_or_exit(load_tokenizer, args.tokenizer, "--tokenizer").to(args.device)
+    tok = harness.read_or_exit(load_tokenizer, args.tokenizer, "--tokenizer").to(args.device)
     images, latents = [], []
     for batch in dataset_batches(data_from_args(args, tok.image_size), args.batch_size, args.workers):
         images.append(batch)                                               # (n, 3, H, W) in [0, 1]
         latents.append(tok.encode(2 * batch.to(args.device) - 1).float().cpu())   # (n, C, h, w)
     images = torch.cat(images)
     maps = F.interpolate(latent_pca(torch.cat(latents), args.percentile)[0], size=images.shape[-2:], mode="nearest")
-    save_grid(torch.cat((images, maps)) * 2 - 1, args.out, nrow=len(images))
+    harness.save_grid(torch.cat((images, maps)) * 2 - 1, args.out, nrow=len(images))
     print(f"wrote {len(images)} images over their latents' top 3 principal components to {args.out}")
 
 
@@ -562,12 +563,12 @@ def cmd_pca(args):
 
 def add_common(parser):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch-size", type=positive_int, default=100, help="images per network call")
+    parser.add_argument("--batch-size", type=harness.positive_int, default=100, help="images per network call")
     parser.add_argument("--out", default=None, help="output file")
 
 
 def add_inception(parser):
-    parser.add_argument("--inception-weights", default=None, type=input_path(),
+    parser.add_argument("--inception-weights", default=None, type=harness.input_path(),
                         help=f"pytorch-fid's {INCEPTION_FILE} (from {INCEPTION_URL})")
     parser.add_argument("--download", action="store_true",
                         help="download the Inception weights into the torch hub cache if --inception-weights is not "
@@ -581,11 +582,11 @@ def add_inception(parser):
 
 
 def add_data(parser):
-    parser.add_argument("--workers", type=non_negative_int, default=4, help="data loader workers")
-    parser.add_argument("--data", required=True, type=input_path("synthetic"),
+    parser.add_argument("--workers", type=harness.non_negative_int, default=4, help="data loader workers")
+    parser.add_argument("--data", required=True, type=harness.input_path("synthetic"),
                         help="'synthetic' or an ImageFolder tree")
     parser.add_argument("--split", default="val", choices=("train", "val"), help="split of the synthetic set")
-    parser.add_argument("--num-images", type=positive_int, default=None,
+    parser.add_argument("--num-images", type=harness.positive_int, default=None,
                         help="use at most this many images, evenly spaced over the set (default: all; "
                              "the synthetic set's size)")
 
@@ -598,20 +599,22 @@ def build_parser():
     add_common(stats)
     add_inception(stats)
     add_data(stats)
-    stats.add_argument("--image-size", type=positive_int, default=256, help="center-crop size (ADM's crop)")
+    stats.add_argument("--image-size", type=harness.positive_int, default=256, help="center-crop size (ADM's crop)")
 
     metrics = commands.add_parser("metrics", help="FID, sFID, IS, precision, recall of a sample batch")
     add_common(metrics)
     add_inception(metrics)
-    metrics.add_argument("--samples", required=True, type=input_path(), help="npz with arr_0 uint8 (N, H, W, 3)")
-    metrics.add_argument("--ref", required=True, type=input_path(),
+    metrics.add_argument("--samples", required=True, type=harness.input_path(),
+                         help="npz with arr_0 uint8 (N, H, W, 3)")
+    metrics.add_argument("--ref", required=True, type=harness.input_path(),
                          help="our stats npz, a pytorch-fid npz or ADM's reference batch")
-    metrics.add_argument("--k", type=positive_int, default=3, help="nearest neighbours for precision/recall (ADM: 3)")
-    metrics.add_argument("--pr-batch-size", type=positive_int, default=10000, help="rows per distance block")
+    metrics.add_argument("--k", type=harness.positive_int, default=3,
+                         help="nearest neighbours for precision/recall (ADM: 3)")
+    metrics.add_argument("--pr-batch-size", type=harness.positive_int, default=10000, help="rows per distance block")
     metrics.add_argument("--pr-precision", default="fp16", choices=("fp16", "fp32"),
                          help="precision/recall distances in float16 with a float32 retry where not finite "
                               "(ADM's evaluator), or all in float32")
-    metrics.add_argument("--is-split-size", type=positive_int, default=5000,
+    metrics.add_argument("--is-split-size", type=harness.positive_int, default=5000,
                          help="Inception Score on consecutive chunks of this many samples, the last partial chunk "
                               "included (ADM's evaluator: 5000)")
 
@@ -619,40 +622,43 @@ def build_parser():
     add_common(recon)
     add_inception(recon)
     add_data(recon)
-    recon.add_argument("--tokenizer", required=True, type=input_path(), help="tokenizer checkpoint")
+    recon.add_argument("--tokenizer", required=True, type=harness.input_path(), help="tokenizer checkpoint")
     recon.add_argument("--quantize", action=argparse.BooleanOptionalAction, default=True,
                        help="round reconstructions to 8 bits before the metrics, as saved images would be")
-    recon.add_argument("--dinov2-size", type=positive_int, default=224,
+    recon.add_argument("--dinov2-size", type=harness.positive_int, default=224,
                        help="FD_DINOv2 input size (rounded to the patch size)")
     recon.add_argument("--dinov2", default="dinov2_vitl14",
                        help="FD_DINOv2 encoder architecture (Stein et al.: ViT-L/14)")
-    recon.add_argument("--dinov2-weights", type=input_path(),
+    recon.add_argument("--dinov2-weights", type=harness.input_path(),
                        help="official DINOv2 weights for FD_DINOv2 when no Inception weights are "
                             "given (default: the tokenizer's own encoder)")
     recon.add_argument("--probe-features", default="mean", choices=("mean", "flatten"),
                        help="linear probe on spatially averaged or flattened latents")
-    recon.add_argument("--probe-holdout", type=unit_interval, default=0.2, help="held-out fraction for the probe")
-    recon.add_argument("--probe-ridge", type=non_negative_float, default=1e-3, help="ridge strength of the probe")
+    recon.add_argument("--probe-holdout", type=harness.unit_interval, default=0.2,
+                       help="held-out fraction for the probe")
+    recon.add_argument("--probe-ridge", type=harness.non_negative_float, default=1e-3,
+                       help="ridge strength of the probe")
 
     summary = commands.add_parser("report", help="the embedded demo's metrics.json, recon.png and samples.png, "
                                                  "measured with the stage-0 stand-in encoder")
     add_common(summary)
     add_data(summary)
-    summary.add_argument("--stand-in", required=True, type=input_path(),
+    summary.add_argument("--stand-in", required=True, type=harness.input_path(),
                          help="stage-0 checkpoint (stand-in encoder + classifier)")
-    summary.add_argument("--tokenizer", required=True, type=input_path(), help="tokenizer checkpoint")
-    summary.add_argument("--samples", required=True, type=input_path(),
+    summary.add_argument("--tokenizer", required=True, type=harness.input_path(), help="tokenizer checkpoint")
+    summary.add_argument("--samples", required=True, type=harness.input_path(),
                          help="samples.npz of the sample command (arr_0, arr_1)")
     summary.add_argument("--recon-png", required=True, help="where to write originals over reconstructions")
     summary.add_argument("--samples-png", required=True, help="where to write the samples, one row per class")
-    summary.add_argument("--grid-columns", type=positive_int, default=10, help="samples per class in samples.png")
+    summary.add_argument("--grid-columns", type=harness.positive_int, default=10,
+                         help="samples per class in samples.png")
 
     pca = commands.add_parser("pca", help="input images over their latents' top 3 principal components as RGB")
     add_common(pca)
     add_data(pca)
     pca.set_defaults(num_images=8)
-    pca.add_argument("--tokenizer", required=True, type=input_path(), help="tokenizer checkpoint")
-    pca.add_argument("--percentile", type=non_negative_float, default=0.0,
+    pca.add_argument("--tokenizer", required=True, type=harness.input_path(), help="tokenizer checkpoint")
+    pca.add_argument("--percentile", type=harness.non_negative_float, default=0.0,
                      help="scale each component from this percentile to 100 minus it over all positions to [0, 1], "
                           "clipped (our choice: 0, min to max; 1 keeps outliers from washing out the colours); "
                           "--num-images defaults to 8 here")
@@ -667,7 +673,7 @@ def main(argv=None):
     if args.command in ("stats", "pca") and not args.out:
         raise SystemExit(f"{args.command}: pass --out PATH")
     if getattr(args, "out", None):
-        check_writable(args.out)
+        harness.check_writable(args.out)
     if not getattr(args, "allow_tf32", False):
         # TF32 rounds convolution inputs to 10-bit mantissas; keep the features exact
         # float32 so that the numbers compare with pytorch-fid's and ADM's.

@@ -15,8 +15,9 @@ import torch
 from tqdm import tqdm
 
 from data import ReportUnreadable
-from layers import hash_weights
-from training import atomic_path, autocast, barrier, check_free_space, lock_folder, no_space_left, wait_for_files
+import harness
+from training import autocast, barrier
+from weights import hash_weights
 
 
 def tokenizer_fingerprint(tokenizer):
@@ -112,9 +113,9 @@ def cache_latents(tokenizer, dataset, args, rank, world_size, device, expected_k
     if rank == 0:
         # One builder per cache at a time (two would write one file); other caches in the
         # folder are free to build. The lock is held until this process ends.
-        lock_folder(folder, "--cache-dir", name=f".latents-{key}.lock")
+        harness.lock_folder(folder, "--cache-dir", name=f".latents-{key}.lock")
         # A memmap that meets a full disk ends in a bus error, not an exception.
-        check_free_space(folder, int(np.prod(shape)) * np.dtype(args.cache_dtype).itemsize, "the latent cache",
+        harness.check_free_space(folder, int(np.prod(shape)) * np.dtype(args.cache_dtype).itemsize, "the latent cache",
                          "--cache-dir")
         for stale in [header_path] + done_marks:        # left by an interrupted build
             if os.path.exists(stale):
@@ -128,7 +129,7 @@ def cache_latents(tokenizer, dataset, args, rank, world_size, device, expected_k
                 os.remove(temporary)
             if error.errno != errno.ENOSPC:
                 raise
-            raise no_space_left(folder, temporary) from None
+            raise harness.no_space_left(folder, temporary) from None
     barrier(world_size)                                  # the ranks arrive together: only the cache check ran
     start, end = rank * len(dataset) // world_size, (rank + 1) * len(dataset) // world_size
     data_offset = np.load(temporary, mmap_mode="r").offset          # bytes before row 0
@@ -162,20 +163,20 @@ def cache_latents(tokenizer, dataset, args, rank, world_size, device, expected_k
                          f"run again): {'; '.join(unreadable)}")
     open(done_marks[rank], "w").close()
     # The ranks' blocks differ by at most one image, but encoding times still vary; the waits
-    # go through the file system (wait_for_files), which no process-group timeout cuts short.
+    # go through the file system (harness.wait_for_files), which no process-group timeout cuts short.
     if rank == 0:
-        wait_for_files(done_marks, "latent cache parts")
+        harness.wait_for_files(done_marks, "latent cache parts")
         os.replace(temporary, path)
         header = dict(fingerprint=fingerprint, shape=list(shape), tokenizer_path=os.path.abspath(args.tokenizer),
                       data_path=args.data if args.data == "synthetic" else os.path.abspath(args.data),
                       layout="(N, 2, C, h, w): [:, 0] image i, [:, 1] its horizontal flip; raw z, not normalised")
-        with atomic_path(header_path) as temporary_header, open(temporary_header, "w") as f:
+        with harness.atomic_path(header_path) as temporary_header, open(temporary_header, "w") as f:
             json.dump(header, f, indent=1)
         for mark in done_marks:
             os.remove(mark)
         print(f"latent cache: wrote {path}")
     else:
-        wait_for_files([header_path], "latent cache header")
+        harness.wait_for_files([header_path], "latent cache header")
     return path, key
 
 

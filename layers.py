@@ -1,14 +1,11 @@
 """
 The building blocks that the tokenizer, the DiT and the losses share: the one attention
-of the project (with optional QK-norm and rotary embedding), SwiGLU, the patch embedding,
-the strict state-dict loader and the one way a model records its constructor arguments.
+of the project (with optional QK-norm and rotary embedding), SwiGLU, the patch embedding
+and the one way a model records its constructor arguments.
 Nothing here knows about AlignTok; every model file imports from here, never the reverse.
 """
 import copy
 import inspect
-import os
-import pickle
-import zipfile
 
 import torch
 import torch.nn as nn
@@ -105,55 +102,3 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x):
         return self.proj(x).flatten(2).transpose(1, 2)           # (N, h*w, D)
-
-
-
-#################################################################################
-#                              Strict weight loading                            #
-#################################################################################
-
-def read_weights(path, what, hint):
-    """The one torch.load of the project (weights_only=True, on the CPU), for every .pt/.pth
-    it reads. A missing, truncated or foreign file, or one that holds no dict, is a
-    ValueError/FileNotFoundError of one line naming the file, what it should be (`what`)
-    and how to get one (`hint`)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} not found: {path} ({hint})")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"{path} is not a readable {what} ({reason[:200]}); {hint}") from None
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} holds a {type(state).__name__}, not the dict of a {what}; {hint}")
-    return state
-
-
-def load_state_dict_strict(model, state, source):
-    """load_state_dict that fails loudly, naming missing, unexpected and mis-shaped keys
-    and the file they came from."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = sorted(f"{k} (file {tuple(state[k].shape)}, model {tuple(own[k].shape)})"
-                        for k in set(own) & set(state) if state[k].shape != own[k].shape)
-    if missing or unexpected or mismatched:
-        problems = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mismatched)):
-            if keys:
-                shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
-                problems.append(f"{label} keys: {shown}")
-        raise RuntimeError(f"{source} does not match the model: " + "; ".join(problems)
-                           + ". Check that the file and the model name/overrides belong together.")
-    model.load_state_dict(state, strict=True)
-
-
-
-def hash_weights(digest, named_tensors):
-    """Feeds (name, tensor) pairs into a hashlib digest: name, shape, dtype and the raw
-    bytes, so that a file keyed by the digest changes whenever a weight does. Keys the
-    latent cache (latents.py) and the sample shards (sample.py) to the weights that made them."""
-    for name, tensor in named_tensors:
-        digest.update(f"{name} {tuple(tensor.shape)} {tensor.dtype}".encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return digest

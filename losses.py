@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from layers import constructor_config, load_state_dict_strict, read_weights
+from layers import constructor_config
+from weights import load_state_dict_strict, named_weights_file
 
 
 #################################################################################
@@ -98,20 +99,14 @@ class LPIPS(nn.Module):
         return dist
 
 
-def _load_weights_file(path, flag, what, url):
-    if path is None:
-        raise FileNotFoundError(f"{flag}: no file given; pass the path of {what} (official file: {url}).")
-    return read_weights(path, f"{what} ({flag})", f"official file: {url}")
-
-
 def load_lpips(vgg_weights, lpips_weights):
     """Builds the frozen LPIPS from two local files: torchvision's VGG16 ImageNet state
     dict (vgg16-397923af.pth; only its features.* keys are used, the classifier is
     dropped) and the lpips v0.1 VGG head file (lpips/weights/v0.1/vgg.pth in the lpips
     package, keys lin0.model.1.weight ... lin4.model.1.weight). Loading is strict."""
-    vgg_state = _load_weights_file(vgg_weights, "--vgg-weights",
+    vgg_state = named_weights_file(vgg_weights, "--vgg-weights",
                                    "torchvision's VGG16 ImageNet state dict", VGG16_URL)
-    head_state = _load_weights_file(lpips_weights, "--lpips-weights",
+    head_state = named_weights_file(lpips_weights, "--lpips-weights",
                                     "the lpips v0.1 VGG linear heads", LPIPS_VGG_URL)
     model = LPIPS()
     vgg_state = {k: v for k, v in vgg_state.items() if not k.startswith("classifier.")}
@@ -139,12 +134,12 @@ class PatchDiscriminator(nn.Module):
     """pix2pix / LDM NLayerDiscriminator: 4x4 convs, stride 2 then 1, LeakyReLU 0.2.
     Outputs one logit per overlapping patch, (N, 1, H/8 - 2, W/8 - 2) for n_layers=3.
 
-    norm: "batch" (default, as in LDM), "group" (GroupNorm, 32 groups where the width
-    allows; no batch statistics, so real and fake batches or DDP ranks do not interact)
-    or "none".
+    norm: "group" (the default, our choice, as train_tokenizer.py's --disc-norm: GroupNorm,
+    32 groups where the width allows; no batch statistics, so real and fake batches or DDP
+    ranks do not interact), "batch" (LDM's) or "none".
     Convs followed by a norm carry no bias, as in LDM.
     """
-    def __init__(self, in_channels=3, width=64, n_layers=3, norm="batch"):
+    def __init__(self, in_channels=3, width=64, n_layers=3, norm="group"):
         self.config = constructor_config(locals())
         super().__init__()
         bias = norm == "none"

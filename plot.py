@@ -6,7 +6,7 @@ convergence curves of ablations.py.
     panel = dict(title="loss", xlabel="step", ylabel="loss", series=[dict(label="train", x=[...], y=[...])])
     draw_panels([panel]).save("curves.png")
 
-The functions return PIL images; the callers write them (training.atomic_path, the one
+The functions return PIL images; the callers write them (harness.atomic_path, the one
 atomic writer, which plot.py sits below).
 
 A series may carry `low` and `high` lists (a band, e.g. mean_interval's 95% interval of the

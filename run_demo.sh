@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole AlignTok pipeline on the embedded synthetic data set, on CPU:
-#   stage 0 (a small stand-in for DINOv2) -> tokenizer stages 1, 2, 3 -> latent cache and
+#   stage 0 (train_stand_in.py: a small stand-in for DINOv2) -> tokenizer stages 1, 2, 3 -> latent cache and
 #   LightningDiT training -> class-balanced sampling -> evaluation.
 # Every line is a plain command that can be run by hand. Rerunning continues (--resume).
 # Writes into RUN (default runs/demo): stage*/ and dit/ checkpoints, recon.png,
@@ -22,17 +22,18 @@ start=$(date +%s)
 # Small DINOv2-architecture encoder (patch 4, 32 px -> 8x8 tokens) and decoder (x4).
 ENCODER="--encoder-depth 4 --encoder-dim 128 --encoder-heads 4 --encoder-patch 4 --encoder-native-size 32"
 DECODER="--latent-channels 16 --decoder-width 32 --decoder-multipliers 1 2 2 --decoder-res-blocks 1"
-# The demo trains without LPIPS and the GAN: their weight files are not here, and 800 steps are too few.
-COMMON="--data synthetic --image-size 32 --encoder-size 32 --num-images ${DEMO_IMAGES:-10000} --resume --perceptual-weight 0 --disc-weight 0"
+COMMON="--data synthetic --image-size 32 --encoder-size 32 --num-images ${DEMO_IMAGES:-10000} --resume"
+# The tokenizer trains without LPIPS and the GAN: their weight files are not here, and 800 steps are too few.
+NO_GAN="--perceptual-weight 0 --disc-weight 0"
 
-timed "stage 0" python train_tokenizer.py --stage 0 --out "$RUN/stage0" --steps "$(steps 800)" --lr 1e-3 --batch-size 64 \
+timed "stage 0" python train_stand_in.py --out "$RUN/stage0" --steps "$(steps 800)" --lr 1e-3 --batch-size 64 \
     $COMMON $ENCODER
 timed "stage 1" python train_tokenizer.py --stage 1 --out "$RUN/stage1" --steps "$(steps 800)" --lr 1e-3 \
-    --encoder-weights "$RUN/stage0/checkpoint.pt" $COMMON $DECODER
+    --encoder-weights "$RUN/stage0/checkpoint.pt" $COMMON $NO_GAN $DECODER
 timed "stage 2" python train_tokenizer.py --stage 2 --out "$RUN/stage2" --steps "$(steps 400)" --lr 3e-4 --encoder-lr 1e-4 \
-    --init "$RUN/stage1/checkpoint.pt" $COMMON
+    --init "$RUN/stage1/checkpoint.pt" $COMMON $NO_GAN
 timed "stage 3" python train_tokenizer.py --stage 3 --out "$RUN/stage3" --steps "$(steps 400)" --lr 3e-4 \
-    --init "$RUN/stage2/checkpoint.pt" $COMMON
+    --init "$RUN/stage2/checkpoint.pt" $COMMON $NO_GAN
 
 timed "latent cache + LightningDiT" python train_diffusion.py --tokenizer "$RUN/stage3/checkpoint.pt" --out "$RUN/dit" --steps "$(steps 3000)" \
     --num-images "${DEMO_IMAGES:-10000}" --depth 4 --hidden-size 128 --num-heads 2 --batch-size 32 --lr 1e-3 \

@@ -33,11 +33,10 @@ import torch
 import torch.distributed as dist
 
 import dit
-from layers import hash_weights
+import harness
 from tokenizer import load_tokenizer
-from training import (StopSignal, atomic_path, check_writable, cleanup_distributed, input_path, lock_folder,
-                      non_negative_float, positive_float, positive_int, read_or_exit, save_grid, save_json, save_npz,
-                      setup_distributed, unit_interval, wait_for_files)
+from training import cleanup_distributed, setup_distributed
+from weights import hash_weights
 
 
 #################################################################################
@@ -118,9 +117,9 @@ def plan_shards(folder, settings, shard_paths, rank, world_size):
     path = os.path.join(folder, "settings.json")
     plan = [None, None]
     if rank == 0:
-        lock_folder(folder, "--out")   # two jobs writing one folder's shards would interleave them
+        harness.lock_folder(folder, "--out")   # two jobs writing one folder's shards would interleave them
         if not os.path.isfile(path):
-            save_json(path, settings)
+            harness.save_json(path, settings)
         with open(path) as f:
             plan = [json.load(f), [s for s, p in enumerate(shard_paths) if not os.path.isfile(p)]]
     if world_size > 1:
@@ -147,7 +146,7 @@ def merge_shards(shard_paths, out, settings):
     labels = np.concatenate(labels)
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
               "shape": (len(labels), *image_shape)}
-    with atomic_path(out) as temporary:
+    with harness.atomic_path(out) as temporary:
         with zipfile.ZipFile(temporary, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
             with archive.open("arr_0.npy", "w", force_zip64=True) as f:
                 np.lib.format.write_array_header_1_0(f, header)
@@ -162,7 +161,7 @@ def merge_shards(shard_paths, out, settings):
 def write_sample_batch(model, tok, settings, args, rank, world_size, device, stop):
     """The class-balanced npz of --num-samples samples, made shard by shard. Only a start-up
     collective joins the ranks; rank 0 then waits for the others' shards on the file system
-    (wait_for_files), so no wait can time out however long a shard takes."""
+    (harness.wait_for_files), so no wait can time out however long a shard takes."""
     if rank == 0 and args.num % model.config["num_classes"]:
         print(f"--num-samples {args.num} is not a multiple of {model.config['num_classes']} classes: "
               f"class counts will differ by one")
@@ -173,7 +172,7 @@ def write_sample_batch(model, tok, settings, args, rank, world_size, device, sto
         indices = list(range(s * args.shard_size, min((s + 1) * args.shard_size, args.num)))
         parts = [sample_images(model, tok, indices[b:b + args.batch_size], args, device)
                  for b in range(0, len(indices), args.batch_size)]
-        save_npz(shard_paths[s], arr_0=np.concatenate([to_uint8(p[0]) for p in parts]),
+        harness.save_npz(shard_paths[s], arr_0=np.concatenate([to_uint8(p[0]) for p in parts]),
                  arr_1=np.concatenate([p[1].numpy() for p in parts]))
         print(f"[rank {rank}] shard {s + 1}/{num_shards} done")
         if stop.name is not None:   # ranks share no step here: each stops after its own shard
@@ -182,7 +181,7 @@ def write_sample_batch(model, tok, settings, args, rank, world_size, device, sto
                   f"run the same command again to make the rest", flush=True)
             return
     if rank == 0:
-        wait_for_files(shard_paths, "sample shards")
+        harness.wait_for_files(shard_paths, "sample shards")
         merge_shards(shard_paths, args.out, settings)
         print(f"wrote {args.num} samples to {args.out} (shards kept in {folder})")
 
@@ -200,7 +199,7 @@ def write_grid(model, tok, args, device):
     classes = chosen_classes(model, args, 10)
     labels = torch.tensor(classes).repeat_interleave(args.per_class)
     images, _ = sample_images(model, tok, list(range(len(labels))), args, device, labels=labels)
-    save_grid(images, args.grid, nrow=args.per_class)
+    harness.save_grid(images, args.grid, nrow=args.per_class)
     print(f"wrote {len(classes)} classes x {args.per_class} samples to {args.grid}")
 
 
@@ -214,7 +213,7 @@ def write_trajectory(model, tok, args, device):
     sample_images(model, tok, list(range(len(labels))), args, device, labels=labels, trajectory=path)
     picks = np.linspace(0, len(path) - 1, min(args.trajectory_columns, len(path))).round().astype(int)
     images = torch.stack([path[k][1] for k in picks], dim=1)                   # (n, columns, 3, H, W)
-    save_grid(images.flatten(0, 1), args.trajectory, nrow=len(picks))
+    harness.save_grid(images.flatten(0, 1), args.trajectory, nrow=len(picks))
     print(f"wrote {len(labels)} samples x {len(picks)} predictions at t = "
           f"{', '.join(f'{path[k][0]:.3g}' for k in picks)} to {args.trajectory}")
 
@@ -226,15 +225,16 @@ def write_trajectory(model, tok, args, device):
 def main(argv=None):
     args = parse_args(argv)
     picture = "--grid" if args.grid else "--trajectory" if args.trajectory else None
-    check_writable(args.grid or args.trajectory or args.out, picture or "--out")
-    stop = StopSignal()
+    harness.check_writable(args.grid or args.trajectory or args.out, picture or "--out")
+    stop = harness.StopSignal()
     rank, world_size, device = setup_distributed(args.device, timeout=args.dist_timeout)
     set_precision(args.precision)
-    model, checkpoint = read_or_exit(lambda path: dit.load_dit(path, use_ema=True), args.ckpt, "--ckpt")
+    model, checkpoint = harness.read_or_exit(lambda path: dit.load_dit(path, use_ema=True), args.ckpt, "--ckpt")
     tok_path = args.tokenizer or checkpoint.get("args", {}).get("tokenizer")
     if not tok_path:
         raise SystemExit(f"error: {args.ckpt} names no tokenizer checkpoint; pass --tokenizer PATH")
-    tok = read_or_exit(load_tokenizer, tok_path, "--tokenizer" if args.tokenizer else f"{args.ckpt}'s tokenizer")
+    tok = harness.read_or_exit(load_tokenizer, tok_path,
+                               "--tokenizer" if args.tokenizer else f"{args.ckpt}'s tokenizer")
     if args.cfg_channels is not None and args.cfg_channels > model.config["in_channels"]:
         raise SystemExit(f"error: --cfg-channels {args.cfg_channels} exceeds the model's {model.config['in_channels']} "
                          f"latent channels; pass at most that, or leave it out to guide every channel")
@@ -249,40 +249,41 @@ def main(argv=None):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", required=True, type=input_path(),
+    parser.add_argument("--ckpt", required=True, type=harness.input_path(),
                         help="train_diffusion.py checkpoint (its EMA weights are used)")
-    parser.add_argument("--tokenizer", default=None, type=input_path(),
+    parser.add_argument("--tokenizer", default=None, type=harness.input_path(),
                         help="tokenizer checkpoint (default: the DiT checkpoint's)")
     parser.add_argument("--out", help="the sample batch npz (ADM's layout)")
     parser.add_argument("--grid", help="instead of --out: a PNG grid, one row per class of --classes")
     parser.add_argument("--trajectory", help="instead of --out: a PNG of the decoded clean-image prediction along "
                                              "the sampler's path, one row per class of --classes (default: the "
                                              "first 4), columns from t=0 (noise) to t=1 (the sample)")
-    parser.add_argument("--trajectory-columns", type=positive_int, default=6,
+    parser.add_argument("--trajectory-columns", type=harness.positive_int, default=6,
                         help="points of the time grid shown by --trajectory, evenly spaced, the first and last "
                              "included (our choice: 6)")
     parser.add_argument("--classes", type=int, nargs="+",
                         help="classes of the grid (default: the first 10) or of the trajectory")
-    parser.add_argument("--per-class", type=positive_int, default=8, help="samples per class row of the grid")
-    parser.add_argument("--num-samples", "--num", dest="num", type=positive_int, default=50000,
+    parser.add_argument("--per-class", type=harness.positive_int, default=8, help="samples per class row of the grid")
+    parser.add_argument("--num-samples", "--num", dest="num", type=harness.positive_int, default=50000,
                         help="number of samples (50 per class for ImageNet); under torchrun spell it "
                              "--num-samples, since torchrun reads --num as its own --numa-binding")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=positive_int, default=50, help="model evaluations per sample")
+    parser.add_argument("--steps", type=harness.positive_int, default=50, help="model evaluations per sample")
     parser.add_argument("--method", default="euler", choices=("euler", "heun"))
-    parser.add_argument("--cfg-scale", type=non_negative_float, default=1.0)
-    parser.add_argument("--cfg-interval", type=unit_interval, default=0.1,
+    parser.add_argument("--cfg-scale", type=harness.non_negative_float, default=1.0)
+    parser.add_argument("--cfg-interval", type=harness.unit_interval, default=0.1,
                         help="guide only where the shifted t >= this (LightningDiT, 64 epochs: 0.1; 800: 0.125)")
-    parser.add_argument("--shift", type=positive_float, default=0.3, help="timestep shift s")
-    parser.add_argument("--cfg-channels", type=positive_int, default=None,
+    parser.add_argument("--shift", type=harness.positive_float, default=0.3, help="timestep shift s")
+    parser.add_argument("--cfg-channels", type=harness.positive_int, default=None,
                         help="guide only the first N channels (3: released LightningDiT)")
-    parser.add_argument("--shard-size", type=positive_int, default=1000, help="samples per resumable shard file")
-    parser.add_argument("--batch-size", type=positive_int, default=100, help="samples per network call")
+    parser.add_argument("--shard-size", type=harness.positive_int, default=1000,
+                        help="samples per resumable shard file")
+    parser.add_argument("--batch-size", type=harness.positive_int, default=100, help="samples per network call")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "bf16"),
                         help="sampling arithmetic: float32 with TF32 off, float32 with TF32 matmuls and "
                              "convolutions on GPU, or bfloat16 autocast (our choice: fp32, the exact one; "
                              "recorded with the samples)")
-    parser.add_argument("--dist-timeout", type=positive_float, default=600,
+    parser.add_argument("--dist-timeout", type=harness.positive_float, default=600,
                         help="seconds a collective waits for the other ranks under torchrun; only the start-up "
                              "joins the ranks, the shards are awaited on the file system (our choice: NCCL's 600)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

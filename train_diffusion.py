@@ -30,14 +30,12 @@ from tqdm import tqdm
 
 from data import build_dataset, step_loader
 from dit import DIT_NAMES, create_model, drop_labels, flow_loss, sample
+import harness
 from latents import LatentPairs, cache_latents
-from layers import load_state_dict_strict
 from tokenizer import load_tokenizer
-from training import (MetricsLog, StopSignal, all_finite, autocast, below_one, check_free_space, checkpoint_bytes,
-                      cleanup_distributed, clip_gradients, ema_decay, gather_rng_states, gradient_sync, input_path,
-                      lock_folder, non_negative_float, non_negative_int, open_run, positive_int, read_or_exit,
-                      save_checkpoint, save_grid, set_rng_state, setup_distributed, stop_if_beyond_repair, trim_metrics,
-                      unit_interval, unwrap, update_ema)
+from training import (all_finite, autocast, cleanup_distributed, clip_gradients, ema_decay, gradient_sync,
+                      setup_distributed, unwrap, update_ema)
+from weights import load_state_dict_strict
 
 
 #################################################################################
@@ -64,7 +62,7 @@ def save_samples(ema, tokenizer, noise, labels, args, path):
         z = sample(ema, noise, labels, steps=args.sample_steps, cfg_scale=args.sample_cfg_scale,
                    cfg_interval=args.sample_cfg_interval)
         images = tokenizer.decode(tokenizer.denormalize(z.float()))
-    save_grid(images, path, nrow=args.sample_columns)
+    harness.save_grid(images, path, nrow=args.sample_columns)
 
 
 def accumulate_gradients(train_model, x, labels, args):
@@ -89,13 +87,13 @@ def accumulate_gradients(train_model, x, labels, args):
 
 def main(args):
     # ---- setup -----------------------------------------------------------------
-    stop = StopSignal()
+    stop = harness.StopSignal()
     rank, world_size, device = setup_distributed()
-    checkpoint_path, resume = open_run(args, world_size, lambda checkpoint:
+    checkpoint_path, resume = harness.open_run(args, world_size, lambda checkpoint:
                                        None if {"model_config", "latents"} <= set(checkpoint) else
                                        "is not a train_diffusion.py checkpoint; choose another --out")
     metrics_path = os.path.join(args.out, "metrics.jsonl")
-    tokenizer = read_or_exit(load_tokenizer, args.tokenizer, "--tokenizer").to(device)
+    tokenizer = harness.read_or_exit(load_tokenizer, args.tokenizer, "--tokenizer").to(device)
 
     # ---- data: the latent cache ---------------------------------------------------
     dataset = build_dataset(args.data, tokenizer.image_size, "train", args.num_images, args.seed)
@@ -141,17 +139,17 @@ def main(args):
                                 generator=torch.Generator().manual_seed(args.seed))
     preview_labels, preview_noise = preview_labels.to(device), preview_noise.to(device)
     if rank == 0:   # the lock is held until the process ends
-        lock_folder(args.out, new_file=checkpoint_path if resume is None else None)
-        check_free_space(args.out, checkpoint_bytes(model), "a checkpoint")
-        trim_metrics(metrics_path, step)
+        harness.lock_folder(args.out, new_file=checkpoint_path if resume is None else None)
+        harness.check_free_space(args.out, harness.checkpoint_bytes(model), "a checkpoint")
+        harness.trim_metrics(metrics_path, step)
     if resume is not None:   # last: building the loader above draws its base seed from the RNG
-        set_rng_state(resume["rng"][rank])
+        harness.set_rng_state(resume["rng"][rank])
 
     # ---- checkpoint --------------------------------------------------------------
     def write_checkpoint():
-        gathered = gather_rng_states(world_size, model, ema)
+        gathered = harness.gather_rng_states(world_size, model, ema)
         if rank == 0:
-            save_checkpoint({"model_config": unwrap(model).config, "model": unwrap(model).state_dict(),
+            harness.save_checkpoint({"model_config": unwrap(model).config, "model": unwrap(model).state_dict(),
                              "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                              "args": dict(vars(args), tokenizer=os.path.abspath(args.tokenizer)),
                              "rng": gathered, "skipped": skipped, "num_classes": num_classes,
@@ -159,7 +157,7 @@ def main(args):
 
     # ---- loop --------------------------------------------------------------------
     progress = tqdm(total=args.steps, initial=step, desc="LightningDiT", disable=rank != 0, dynamic_ncols=True)
-    log, record, bad_in_a_row = MetricsLog(metrics_path, rank, world_size), {}, 0
+    log, record, bad_in_a_row = harness.MetricsLog(metrics_path, rank, world_size), {}, 0
     while step < args.steps:
         pairs, labels = next(loader)
         pairs, labels = pairs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -177,7 +175,7 @@ def main(args):
         else:   # no update, the batch is spent; a run of them means the weights are beyond repair
             skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
             log.skip()
-            stop_if_beyond_repair(bad_in_a_row, args.max_bad_steps, step + 1, checkpoint_path,
+            harness.stop_if_beyond_repair(bad_in_a_row, args.max_bad_steps, step + 1, checkpoint_path,
                                   "resume it with a lower --lr, or with --qk-norm from the start")
         step += 1
         progress.update(1)
@@ -208,69 +206,75 @@ def main(args):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     run = parser.add_argument_group("run")
-    run.add_argument("--tokenizer", required=True, type=input_path(),
+    run.add_argument("--tokenizer", required=True, type=harness.input_path(),
                      help="tokenizer checkpoint.pt of train_tokenizer.py stage 1-3")
     run.add_argument("--out", required=True, help="run folder for checkpoint.pt, metrics.jsonl and samples.png")
     run.add_argument("--resume", action="store_true",
                      help="continue the run in --out from its checkpoint (starts fresh if it has none)")
-    run.add_argument("--steps", type=positive_int, default=3000,
+    run.add_argument("--steps", type=harness.positive_int, default=3000,
                      help="total steps (the CPU demo: 3000; ImageNet, 64 epochs at "
                           "a global batch of 1024: 80000)")
     run.add_argument("--seed", type=int, default=0, help="training seed; also the synthetic data set's seed")
     data = parser.add_argument_group("data and latent cache")
-    data.add_argument("--data", default="synthetic", type=input_path("synthetic"),
+    data.add_argument("--data", default="synthetic", type=harness.input_path("synthetic"),
                       help="'synthetic' (embedded) or an ImageFolder path; "
                            "the image size is the tokenizer's")
-    data.add_argument("--num-images", type=positive_int, default=10000, help="size of the synthetic training set")
-    data.add_argument("--batch-size", type=positive_int, default=32,
+    data.add_argument("--num-images", type=harness.positive_int, default=10000,
+                      help="size of the synthetic training set")
+    data.add_argument("--batch-size", type=harness.positive_int, default=32,
                       help="per process and micro-batch; the global batch is this x processes x --grad-accum "
                            "(ImageNet: 128 on each of 8 GPUs)")
-    data.add_argument("--grad-accum", type=positive_int, default=1,
+    data.add_argument("--grad-accum", type=harness.positive_int, default=1,
                       help="micro-batches per optimiser step, gradients accumulated (fewer GPUs, same recipe)")
-    data.add_argument("--workers", type=non_negative_int, default=0, help="data loader worker processes")
+    data.add_argument("--workers", type=harness.non_negative_int, default=0, help="data loader worker processes")
     data.add_argument("--cache-dir", help="latent cache folder (default <out>/latents); may be shared by runs")
     data.add_argument("--cache-dtype", default="float16", choices=["float16", "float32"],
                       help="storage type of the cached latents (float16 halves the disk: 42 GB for ImageNet)")
-    data.add_argument("--cache-batch-size", type=positive_int, default=64,
+    data.add_argument("--cache-batch-size", type=harness.positive_int, default=64,
                       help="images per batch when encoding the cache")
     model = parser.add_argument_group("model (in_channels and input_size come from the latents, "
                                       "num_classes from the data set)")
     model.add_argument("--model", default="LightningDiT-B/1", choices=DIT_NAMES, help="size (ImageNet: XL/1)")
-    model.add_argument("--depth", type=positive_int, help="override: number of blocks")
-    model.add_argument("--hidden-size", type=positive_int, help="override: width")
-    model.add_argument("--num-heads", type=positive_int, help="override: attention heads (head dim divisible by 4)")
+    model.add_argument("--depth", type=harness.positive_int, help="override: number of blocks")
+    model.add_argument("--hidden-size", type=harness.positive_int, help="override: width")
+    model.add_argument("--num-heads", type=harness.positive_int,
+                       help="override: attention heads (head dim divisible by 4)")
     model.add_argument("--qk-norm", action="store_true", help="RMSNorm on q and k (long runs: avoids NaN losses)")
     optim = parser.add_argument_group("optimisation (LightningDiT's ImageNet recipe)")
-    optim.add_argument("--lr", type=non_negative_float, default=2e-4, help="constant learning rate")
-    optim.add_argument("--beta1", type=below_one, default=0.9)
-    optim.add_argument("--beta2", type=below_one, default=0.95)
-    optim.add_argument("--weight-decay", type=non_negative_float, default=0.0)
-    optim.add_argument("--grad-clip", type=non_negative_float, default=1.0, help="max gradient norm; 0 = no clipping")
-    optim.add_argument("--ema-decay", type=unit_interval, default=0.9999)
-    optim.add_argument("--ema-warmup", type=non_negative_int, default=0,
+    optim.add_argument("--lr", type=harness.non_negative_float, default=2e-4, help="constant learning rate")
+    optim.add_argument("--beta1", type=harness.below_one, default=0.9)
+    optim.add_argument("--beta2", type=harness.below_one, default=0.95)
+    optim.add_argument("--weight-decay", type=harness.non_negative_float, default=0.0)
+    optim.add_argument("--grad-clip", type=harness.non_negative_float, default=1.0,
+                       help="max gradient norm; 0 = no clipping")
+    optim.add_argument("--ema-decay", type=harness.unit_interval, default=0.9999)
+    optim.add_argument("--ema-warmup", type=harness.non_negative_int, default=0,
                        help="decay is min(ema_decay, (1+step)/(warmup+step)); 0 = the plain decay (recipe), "
                             "short CPU runs want ~10")
-    optim.add_argument("--label-dropout", type=unit_interval, default=0.1,
+    optim.add_argument("--label-dropout", type=harness.unit_interval, default=0.1,
                        help="probability of the null class (for CFG)")
-    optim.add_argument("--cosine-weight", type=non_negative_float, default=1.0,
+    optim.add_argument("--cosine-weight", type=harness.non_negative_float, default=1.0,
                        help="weight of the velocity cosine term")
     optim.add_argument("--compile", action="store_true", help="torch.compile the model")
     optim.add_argument("--compile-backend", default="inductor",
                        help="torch.compile backend (aot_eager compiles in seconds, for CPU rehearsals)")
     optim.add_argument("--grad-checkpoint", action="store_true",
                        help="activation checkpointing of the DiT blocks: less memory, one more forward")
-    optim.add_argument("--max-bad-steps", type=positive_int, default=20,
+    optim.add_argument("--max-bad-steps", type=harness.positive_int, default=20,
                        help="stop after this many non-finite steps in a row (each is skipped and counted; "
                             "our choice)")
     logging = parser.add_argument_group("logging, previews and checkpoints")
-    logging.add_argument("--log-every", type=positive_int, default=100)
-    logging.add_argument("--ckpt-every", type=positive_int, default=1000)
-    logging.add_argument("--sample-every", type=positive_int, default=1000, help="steps between samples.png previews")
-    logging.add_argument("--sample-columns", type=positive_int, default=8, help="samples per class row of the preview")
-    logging.add_argument("--sample-steps", type=positive_int, default=50, help="Euler steps of the preview")
-    logging.add_argument("--sample-cfg-scale", type=non_negative_float, default=1.0,
+    logging.add_argument("--log-every", type=harness.positive_int, default=100)
+    logging.add_argument("--ckpt-every", type=harness.positive_int, default=1000)
+    logging.add_argument("--sample-every", type=harness.positive_int, default=1000,
+                         help="steps between samples.png previews")
+    logging.add_argument("--sample-columns", type=harness.positive_int, default=8,
+                         help="samples per class row of the preview")
+    logging.add_argument("--sample-steps", type=harness.positive_int, default=50, help="Euler steps of the preview")
+    logging.add_argument("--sample-cfg-scale", type=harness.non_negative_float, default=1.0,
                          help="guidance of the preview (1 = none)")
-    logging.add_argument("--sample-cfg-interval", type=unit_interval, default=0.1, help="guidance only where t >= this")
+    logging.add_argument("--sample-cfg-interval", type=harness.unit_interval, default=0.1,
+                         help="guidance only where t >= this")
     args = parser.parse_args(argv)
     return args
 

@@ -5,8 +5,8 @@ Trains the AlignTok tokenizer in the paper's three stages (arXiv 2509.25162):
     stage 2: everything trains, held near stage 1 by semantic preservation (L_rec + w_sp * L_sp)
     stage 3: decoder only, the latent space frozen                           (L_rec)
 
-and, for CPU runs without DINOv2 weights, a stage 0 that pretrains a small
-DINOv2-architecture encoder on the data set's labels to stand in for DINOv2.
+(CPU runs without DINOv2 weights start stage 1 from the stand-in encoder of
+train_stand_in.py instead.)
 
 Launch (one GPU: python train_tokenizer.py ...; several: torchrun):
 
@@ -26,21 +26,17 @@ import copy
 import os
 
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import build_dataset, skipping_unreadable, step_loader
-from layers import load_state_dict_strict
+import harness
 from losses import (PatchDiscriminator, adaptive_weight, generator_loss, hinge_d_loss, load_lpips,
                     patch_grid_size, semantic_preservation_loss)
-from tokenizer import (AlignTok, EncoderClassifier, load_dinov2, official_dinov2_layout, read_dinov2_weights,
-                       stand_in_from_checkpoint)
-from training import (MetricsLog, StopSignal, all_finite, autocast, below_one, check_free_space, checkpoint_bytes,
-                      cleanup_distributed, clip_gradients, ema_decay, gather_rng_states, gradient_sync, input_path,
-                      load_checkpoint, lock_folder, non_negative_float, non_negative_int, open_run, positive_int, psnr,
-                      save_checkpoint, save_grid, set_rng_state, setup_distributed, stop_if_beyond_repair, trim_metrics,
-                      unit_interval, unwrap, update_ema)
+from tokenizer import AlignTok, stand_in_from_checkpoint
+from training import (all_finite, autocast, cleanup_distributed, clip_gradients, ema_decay, gradient_sync, psnr,
+                      setup_distributed, unwrap, update_ema)
+from weights import load_state_dict_strict, official_dinov2_layout, read_dinov2_weights
 
 
 #################################################################################
@@ -59,7 +55,8 @@ def read_init(args):
     if args.init is None:
         raise SystemExit(f"error: stage {args.stage} needs --init pointing at the stage-{args.stage - 1} "
                          f"checkpoint (runs/.../checkpoint.pt of the previous stage)")
-    checkpoint = load_checkpoint(args.init, "--init checkpoint", f"pass the stage-{args.stage - 1} run's checkpoint.pt")
+    checkpoint = harness.load_checkpoint(args.init, "--init checkpoint",
+                                         f"pass the stage-{args.stage - 1} run's checkpoint.pt")
     if checkpoint.get("stage") != args.stage - 1:
         raise SystemExit(f"error: stage {args.stage} must start from a stage-{args.stage - 1} checkpoint, but "
                          f"{args.init} is from stage {checkpoint.get('stage')}; run the stages in order 1, 2, 3")
@@ -68,12 +65,13 @@ def read_init(args):
 
 def pretrained_encoder(args):
     """(architecture overrides, state dict) of stage 1's encoder: official DINOv2 weights,
-    a Hugging Face file, our stage-0 stand-in (which carries its own architecture), or
+    a Hugging Face file, the stand-in of train_stand_in.py (which carries its own architecture), or
     'random' (an untrained encoder, for ablations and tests)."""
     path = args.encoder_weights
     if path is None:
         raise SystemExit("error: stage 1 needs --encoder-weights: an official dinov2_*_pretrain.pth, a Hugging "
-                         "Face model.safetensors, a stage-0 checkpoint, or 'random' for an untrained encoder")
+                         "Face model.safetensors, a train_stand_in.py checkpoint, or 'random' for an untrained "
+                         "encoder")
     if path == "random":
         return encoder_overrides(args), None
     if not os.path.isfile(path):
@@ -81,9 +79,10 @@ def pretrained_encoder(args):
     try:
         if path.endswith(".safetensors"):
             return encoder_overrides(args), read_dinov2_weights(path)
-        checkpoint = load_checkpoint(path, "--encoder-weights file", "an official dinov2_*_pretrain.pth, a Hugging "
-                                     "Face model.safetensors or a stage-0 checkpoint")   # read once: DINOv2-L is 1.2 GB
-        if checkpoint.get("stage") == 0:
+        # read once: DINOv2-L is 1.2 GB
+        checkpoint = harness.load_checkpoint(path, "--encoder-weights file", "an official dinov2_*_pretrain.pth, a "
+                                             "Hugging Face model.safetensors or a train_stand_in.py checkpoint")
+        if checkpoint.get("stage") == 0:   # train_stand_in.py's
             encoder = stand_in_from_checkpoint(checkpoint, path).encoder
             return encoder.config, encoder.state_dict()
         return encoder_overrides(args), official_dinov2_layout(checkpoint, path)
@@ -106,25 +105,13 @@ def build_tokenizer(args, init):
     return tokenizer
 
 
-def stand_in_classifier(args, num_classes):
-    """Stage 0: a DINOv2-architecture encoder with a classifier head, from scratch."""
-    # The throw-away encoder only resolves the architecture name; it also fixes the RNG
-    # stream that the demo's published numbers were measured with.
-    encoder_config = load_dinov2(args.encoder, **encoder_overrides(args)).config
-    model = EncoderClassifier(encoder_config, num_classes, args.encoder_size)
-    model.encoder.mask_token.requires_grad_(False)
-    return model
-
-
-def build_stage(args, init, num_classes):
+def build_stage(args, init):
     """(model, optimiser parameter groups, stage 2's frozen reference or None): what
     trains in this stage, with --lr for everything but stage 2's encoder (--encoder-lr)."""
     try:
-        model = stand_in_classifier(args, num_classes) if args.stage == 0 else build_tokenizer(args, init)
+        model = build_tokenizer(args, init)
     except ValueError as error:   # the constructors check that the sizes fit together
         raise SystemExit(f"error: the model flags do not fit together: {error}") from None
-    if args.stage == 0:
-        return model, [{"params": [p for p in model.parameters() if p.requires_grad], "lr": args.lr}], None
     reference = model.frozen_reference() if args.stage == 2 else None
     model.set_trainable(args.stage)
     encoder_params = [p for p in model.encoder.parameters() if p.requires_grad]
@@ -136,8 +123,8 @@ def build_stage(args, init, num_classes):
 
 
 def build_perceptual(args, device):
-    """LPIPS for stages 1-3 when --perceptual-weight > 0 (parse_args made sure its files are given)."""
-    if args.stage == 0 or args.perceptual_weight == 0:
+    """LPIPS when --perceptual-weight > 0 (parse_args made sure its files are given)."""
+    if args.perceptual_weight == 0:
         return None
     return load_lpips(args.vgg_weights, args.lpips_weights).to(device)
 
@@ -151,7 +138,7 @@ def build_gan(args, init, resume, image_size, device):
     A resumed run keeps the discriminator its checkpoint holds, whatever the flags say."""
     carried = init is not None and "discriminator" in init and not args.fresh_discriminator
     source = resume if resume is not None else (init if carried else None)
-    if args.stage == 0 or (args.disc_weight == 0 and (source is None or "discriminator" not in source)):
+    if args.disc_weight == 0 and (source is None or "discriminator" not in source):
         return None, None, None
     config = source["disc_config"] if source is not None and "disc_config" in source else \
         dict(in_channels=3, width=64, n_layers=args.disc_layers, norm=args.disc_norm)
@@ -218,12 +205,6 @@ def store_latent_statistics(ema, model, dataset, args, rank, world_size, device,
 #                               One training step                               #
 #################################################################################
 
-def classifier_loss(train_model, images, labels):
-    """Stage 0: cross-entropy of the stand-in classifier."""
-    logits = train_model(images)
-    return F.cross_entropy(logits.float(), labels), None, {"accuracy": (logits.argmax(1) == labels).float().mean()}
-
-
 def tokenizer_loss(args, train_model, model, images, perceptual, reference, discriminator):
     """L_rec (+ w_sp * L_sp in stage 2) for the tokenizer, with the GAN term when a
     discriminator is given; returns the loss, the reconstruction and a dict of the terms
@@ -250,6 +231,8 @@ def tokenizer_loss(args, train_model, model, images, perceptual, reference, disc
         # only the discriminator's own step below updates it, through DDP.
         critic = unwrap(discriminator).requires_grad_(False)
         logs["gan"] = generator_loss(critic(reconstruction))
+        # `loss` may include w_sp * L_sp: harmless, since L_sp has no path to the decoder's last
+        # layer, so its gradient there (the numerator of lambda_adapt) is that of L_rec alone.
         logs["lambda"] = adaptive_weight(loss, logs["gan"], model.decoder.last_layer)
         loss = loss + args.disc_weight * logs["lambda"] * logs["gan"]
         critic.requires_grad_(True)
@@ -257,26 +240,23 @@ def tokenizer_loss(args, train_model, model, images, perceptual, reference, disc
     return loss, reconstruction, logs
 
 
-def accumulate_gradients(args, train_model, model, images, labels, perceptual, reference, discriminator):
+def accumulate_gradients(args, train_model, model, images, perceptual, reference, discriminator):
     """Forward and backward of one optimiser step's --grad-accum micro-batches, each loss
     divided by their number, so that the summed gradients are those of the mean loss over
     the whole batch; DDP all-reduces once, after the last. With the GAN the adaptive weight
     is computed per micro-batch, from that micro-batch's own losses. Returns the mean loss,
-    the mean of each logged term, and the micro-batches with their reconstructions (stage
-    0: None) for the discriminator's step."""
-    micro_images, micro_labels = images.chunk(args.grad_accum), labels.chunk(args.grad_accum)
+    the mean of each logged term, and the micro-batches with their reconstructions for the
+    discriminator's step."""
+    micro_images = images.chunk(args.grad_accum)
     loss, reconstructions, micro_logs = 0.0, [], []
-    for k, (images_k, labels_k) in enumerate(zip(micro_images, micro_labels)):
+    for k, images_k in enumerate(micro_images):
         with gradient_sync(train_model, last=k == args.grad_accum - 1):
             with autocast(images.device):
-                if args.stage == 0:
-                    loss_k, reconstruction, logs_k = classifier_loss(train_model, images_k, labels_k)
-                else:
-                    loss_k, reconstruction, logs_k = tokenizer_loss(args, train_model, model, images_k, perceptual,
-                                                                    reference, discriminator)
+                loss_k, reconstruction, logs_k = tokenizer_loss(args, train_model, model, images_k, perceptual,
+                                                                reference, discriminator)
             (loss_k / args.grad_accum).backward()
         loss = loss + loss_k.detach() / args.grad_accum
-        reconstructions.append(reconstruction.detach() if reconstruction is not None else None)
+        reconstructions.append(reconstruction.detach())
         micro_logs.append(logs_k)
     logs = {name: sum(l[name] for l in micro_logs) / args.grad_accum for name in micro_logs[0]}
     return loss, logs, micro_images, reconstructions
@@ -319,9 +299,7 @@ def compile_parts(model, backend):
     retain_graph, which a compiled backward refuses (its buffers are donated); left eager,
     those two layers are all that differentiation needs, and state-dict names stay as
     they are."""
-    parts = [model.encoder] if not hasattr(model, "decoder") else \
-        [model.encoder, model.adapter, model.decoder.conv_in, model.decoder.mid, model.decoder.up]
-    for part in parts:
+    for part in (model.encoder, model.adapter, model.decoder.conv_in, model.decoder.mid, model.decoder.up):
         part.compile(backend=backend)
     return model
 
@@ -330,7 +308,7 @@ def compile_parts(model, backend):
 def save_reconstructions(ema, preview, path):
     """The preview images over the EMA tokenizer's reconstructions of them."""
     with autocast(preview.device):
-        save_grid(torch.cat((preview, ema.decode(ema.encode(preview)).float())), path, nrow=8)
+        harness.save_grid(torch.cat((preview, ema.decode(ema.encode(preview)).float())), path, nrow=8)
 
 
 #################################################################################
@@ -339,9 +317,9 @@ def save_reconstructions(ema, preview, path):
 
 def main(args):
     # ---- setup -----------------------------------------------------------------
-    stop = StopSignal()
+    stop = harness.StopSignal()
     rank, world_size, device = setup_distributed()
-    checkpoint_path, resume = open_run(args, world_size, lambda checkpoint:
+    checkpoint_path, resume = harness.open_run(args, world_size, lambda checkpoint:
                                        None if checkpoint.get("stage") == args.stage else
                                        f"is a stage-{checkpoint.get('stage')} run, not stage {args.stage}")
     metrics_path = os.path.join(args.out, "metrics.jsonl")
@@ -356,7 +334,7 @@ def main(args):
     preview = torch.stack([preview_set[i * (len(preview_set) // 8)][0] for i in range(8)]).to(device)
 
     # ---- model -------------------------------------------------------------------
-    model, groups, reference = build_stage(args, init, len(dataset.classes))
+    model, groups, reference = build_stage(args, init)
     model.to(device)
     model.encoder.grad_checkpoint = args.grad_checkpoint
     reference = reference.to(device) if reference is not None else None
@@ -378,40 +356,40 @@ def main(args):
     loader = step_loader(dataset, args.batch_size * args.grad_accum, rank, world_size, args.seed, step, args.workers,
                          device, args.max_bad_images, known_bad=[] if resume is None else resume.get("bad_images", []))
     if rank == 0:   # the lock is held until the process ends
-        lock_folder(args.out, new_file=checkpoint_path if resume is None else None)
-        check_free_space(args.out, checkpoint_bytes(model), "a checkpoint")
-        trim_metrics(metrics_path, step)
+        harness.lock_folder(args.out, new_file=checkpoint_path if resume is None else None)
+        harness.check_free_space(args.out, harness.checkpoint_bytes(model), "a checkpoint")
+        harness.trim_metrics(metrics_path, step)
     if resume is not None:  # last: building the loader iterator draws from the global RNG
-        set_rng_state(resume["rng"][rank])
+        harness.set_rng_state(resume["rng"][rank])
 
     # ---- checkpoint --------------------------------------------------------------
     def write_checkpoint():
-        states, bad_images = gather_rng_states(world_size, model, ema), loader.bad_images(world_size)
+        states, bad_images = harness.gather_rng_states(world_size, model, ema), loader.bad_images(world_size)
         if rank != 0:
             return
-        config_key = "stand_in_config" if args.stage == 0 else "tokenizer_config"
-        state = {"stage": args.stage, "step": step, "skipped": skipped, "args": vars(args), config_key: model.config,
+        state = {"stage": args.stage, "step": step, "skipped": skipped, "args": vars(args),
+                 "tokenizer_config": model.config,
                  "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                  "rng": states, "bad_images": bad_images}
         if discriminator is not None:
             state.update(discriminator=unwrap(discriminator).state_dict(), disc_config=unwrap(discriminator).config,
                          disc_optimizer=disc_optimizer.state_dict(), gan_start=gan_start)
-        save_checkpoint(state, checkpoint_path)
+        harness.save_checkpoint(state, checkpoint_path)
 
     # ---- loop --------------------------------------------------------------------
     progress = tqdm(total=args.steps, initial=step, desc=f"stage {args.stage}", disable=rank != 0,
                     dynamic_ncols=True)
-    log, record, bad_in_a_row = MetricsLog(metrics_path, rank, world_size), {}, 0
+    log, record, bad_in_a_row = harness.MetricsLog(metrics_path, rank, world_size), {}, 0
     while step < args.steps:
-        images, labels = next(loader)
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        images, _ = next(loader)
+        images = images.to(device, non_blocking=True)
         if args.hflip:
             flip = torch.rand(images.shape[0], device=device) < 0.5
             images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
         gan_on = discriminator is not None and args.disc_weight > 0 and step >= gan_start
         optimizer.zero_grad(set_to_none=True)
         loss, logs, micro_images, reconstructions = accumulate_gradients(
-            args, train_model, model, images, labels, perceptual, reference, discriminator if gan_on else None)
+            args, train_model, model, images, perceptual, reference, discriminator if gan_on else None)
         logs["grad_norm"] = clip_gradients([p for g in groups for p in g["params"]], args.grad_clip)
         if all_finite([loss, logs["grad_norm"]], world_size):
             optimizer.step()
@@ -424,7 +402,7 @@ def main(args):
         else:   # no update, the batch is spent; a run of them means the weights are beyond repair
             skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
             log.skip()
-            stop_if_beyond_repair(bad_in_a_row, args.max_bad_steps, step + 1, checkpoint_path,
+            harness.stop_if_beyond_repair(bad_in_a_row, args.max_bad_steps, step + 1, checkpoint_path,
                                   "resume it with a lower --lr or --disc-weight, or start again")
         step += 1
         progress.update(1)
@@ -433,8 +411,8 @@ def main(args):
             record = log.write(stage=args.stage, step=step, skipped=skipped,
                                bad_images=len(loader.bad_images(world_size)))
             progress.set_postfix({k: f"{v:.4g}" for k, v in record.items()
-                                  if k in ("loss", "psnr", "accuracy") and v is not None})
-        if args.stage > 0 and rank == 0 and (step % args.sample_every == 0 or step == args.steps):
+                                  if k in ("loss", "psnr") and v is not None})
+        if rank == 0 and (step % args.sample_every == 0 or step == args.steps):
             save_reconstructions(ema, preview, os.path.join(args.out, "recon.png"))
         if step % args.ckpt_every == 0 and step < args.steps:
             write_checkpoint()
@@ -445,15 +423,15 @@ def main(args):
     # ---- latent statistics (every tokenizer stage) and the final checkpoint --------
     # A signal, in the loop or during the statistics, saves the weights and goes; --resume
     # then computes the statistics (a resumed run at its last step goes straight here).
-    finished = step >= args.steps and (args.stage == 0 or store_latent_statistics(
-        ema, model, dataset, args, rank, world_size, device, stop))
+    finished = step >= args.steps and store_latent_statistics(ema, model, dataset, args, rank, world_size, device,
+                                                              stop)
     write_checkpoint()
     if not finished:
         if rank == 0:
             stop.report(step, checkpoint_path)
         return cleanup_distributed()
     if rank == 0:
-        summary = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k in ("loss", "psnr", "accuracy", "sp")
+        summary = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k in ("loss", "psnr", "sp")
                             and v is not None)
         print(f"stage {args.stage} done: {step} steps ({skipped} skipped), {summary}; checkpoint {checkpoint_path}")
     cleanup_distributed()
@@ -466,57 +444,60 @@ def main(args):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     stage = parser.add_argument_group("stage and run")
-    stage.add_argument("--stage", type=int, required=True, choices=[0, 1, 2, 3],
-                       help="0 (stand-in encoder), 1, 2 or 3")
+    stage.add_argument("--stage", type=int, required=True, choices=[1, 2, 3], help="the paper's stage: 1, 2 or 3")
     stage.add_argument("--out", required=True, help="run folder for checkpoint.pt, metrics.jsonl and recon.png")
-    stage.add_argument("--init", type=input_path(), help="stages 2 and 3: the previous stage's checkpoint.pt")
+    stage.add_argument("--init", type=harness.input_path(), help="stages 2 and 3: the previous stage's checkpoint.pt")
     stage.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    stage.add_argument("--steps", type=positive_int, default=1000, help="total optimisation steps of this stage")
+    stage.add_argument("--steps", type=harness.positive_int, default=1000,
+                       help="total optimisation steps of this stage")
     stage.add_argument("--seed", type=int, default=0)
     data = parser.add_argument_group("data")
-    data.add_argument("--data", default="synthetic", type=input_path("synthetic"),
+    data.add_argument("--data", default="synthetic", type=harness.input_path("synthetic"),
                       help="'synthetic' (embedded) or an ImageFolder path")
-    data.add_argument("--image-size", type=positive_int, default=32, help="image size (ImageNet: 256)")
-    data.add_argument("--num-images", type=positive_int, default=10000, help="size of the synthetic training set")
-    data.add_argument("--batch-size", type=positive_int, default=32,
+    data.add_argument("--image-size", type=harness.positive_int, default=32, help="image size (ImageNet: 256)")
+    data.add_argument("--num-images", type=harness.positive_int, default=10000,
+                      help="size of the synthetic training set")
+    data.add_argument("--batch-size", type=harness.positive_int, default=32,
                       help="per process (GPU) and micro-batch; the global batch is this x processes x --grad-accum")
-    data.add_argument("--grad-accum", type=positive_int, default=1,
+    data.add_argument("--grad-accum", type=harness.positive_int, default=1,
                       help="micro-batches per optimiser step, gradients accumulated (fewer GPUs, same recipe)")
-    data.add_argument("--max-bad-images", type=unit_interval, default=0.001,
+    data.add_argument("--max-bad-images", type=harness.unit_interval, default=0.001,
                       help="share of the data set's images that may be unreadable; each is skipped, named once and "
                            "counted (bad_images in metrics.jsonl), more stops the run (our choice: 0.001)")
-    data.add_argument("--workers", type=non_negative_int, default=0, help="data loader worker processes")
+    data.add_argument("--workers", type=harness.non_negative_int, default=0, help="data loader worker processes")
     data.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True,
                       help="random horizontal flips of the training images (our choice)")
-    model = parser.add_argument_group("model (stages 0 and 1; later stages take it from --init)")
+    model = parser.add_argument_group("model (stage 1; later stages take it from --init)")
     model.add_argument("--encoder", default="dinov2_vits14", help="DINOv2 architecture name (ImageNet: dinov2_vitl14)")
-    model.add_argument("--encoder-weights", type=input_path("random"),
-                       help="official DINOv2 .pth, HF model.safetensors, a stage-0 "
-                            "checkpoint, or 'random'")
-    model.add_argument("--encoder-depth", type=positive_int, help="override: number of blocks")
-    model.add_argument("--encoder-dim", type=positive_int, help="override: width")
-    model.add_argument("--encoder-heads", type=positive_int, help="override: attention heads")
-    model.add_argument("--encoder-patch", type=positive_int, help="override: patch size")
-    model.add_argument("--encoder-native-size", type=positive_int,
+    model.add_argument("--encoder-weights", type=harness.input_path("random"),
+                       help="official DINOv2 .pth, HF model.safetensors, a train_stand_in.py checkpoint, "
+                            "or 'random'")
+    model.add_argument("--encoder-depth", type=harness.positive_int, help="override: number of blocks")
+    model.add_argument("--encoder-dim", type=harness.positive_int, help="override: width")
+    model.add_argument("--encoder-heads", type=harness.positive_int, help="override: attention heads")
+    model.add_argument("--encoder-patch", type=harness.positive_int, help="override: patch size")
+    model.add_argument("--encoder-native-size", type=harness.positive_int,
                        help="override: size of the position-embedding grid in px")
-    model.add_argument("--encoder-size", type=positive_int, default=32, help="encoder input size in px (ImageNet: 224)")
-    model.add_argument("--latent-channels", type=positive_int, default=32,
+    model.add_argument("--encoder-size", type=harness.positive_int, default=32,
+                       help="encoder input size in px (ImageNet: 224)")
+    model.add_argument("--latent-channels", type=harness.positive_int, default=32,
                        help="latent width C (paper: 32; 64 also studied)")
-    model.add_argument("--adapter-hidden", type=positive_int,
+    model.add_argument("--adapter-hidden", type=harness.positive_int,
                        help="adapter hidden width (our choice: the encoder width)")
-    model.add_argument("--decoder-width", type=positive_int, default=128)
-    model.add_argument("--decoder-multipliers", type=positive_int, nargs="+", default=[1, 1, 2, 2, 4])
-    model.add_argument("--decoder-res-blocks", type=non_negative_int, default=2)
+    model.add_argument("--decoder-width", type=harness.positive_int, default=128)
+    model.add_argument("--decoder-multipliers", type=harness.positive_int, nargs="+", default=[1, 1, 2, 2, 4])
+    model.add_argument("--decoder-res-blocks", type=harness.non_negative_int, default=2)
     optim = parser.add_argument_group("optimisation (our choices; the paper publishes none)")
-    optim.add_argument("--lr", type=non_negative_float, default=1e-4,
-                       help="adapter / decoder (stage 0: the whole encoder)")
-    optim.add_argument("--encoder-lr", type=non_negative_float, default=1e-5, help="DINOv2 in stage 2")
-    optim.add_argument("--beta1", type=below_one, default=0.9)
-    optim.add_argument("--beta2", type=below_one, default=0.95)
-    optim.add_argument("--weight-decay", type=non_negative_float, default=0.0)
-    optim.add_argument("--grad-clip", type=non_negative_float, default=1.0, help="max gradient norm; 0 = no clipping")
-    optim.add_argument("--ema-decay", type=unit_interval, default=0.999)
-    optim.add_argument("--ema-warmup", type=non_negative_int, default=10,
+    optim.add_argument("--lr", type=harness.non_negative_float, default=1e-4,
+                       help="adapter / decoder")
+    optim.add_argument("--encoder-lr", type=harness.non_negative_float, default=1e-5, help="DINOv2 in stage 2")
+    optim.add_argument("--beta1", type=harness.below_one, default=0.9)
+    optim.add_argument("--beta2", type=harness.below_one, default=0.95)
+    optim.add_argument("--weight-decay", type=harness.non_negative_float, default=0.0)
+    optim.add_argument("--grad-clip", type=harness.non_negative_float, default=1.0,
+                       help="max gradient norm; 0 = no clipping")
+    optim.add_argument("--ema-decay", type=harness.unit_interval, default=0.999)
+    optim.add_argument("--ema-warmup", type=harness.non_negative_int, default=10,
                        help="decay is min(ema_decay, (1+step)/(warmup+step))")
     optim.add_argument("--compile", action="store_true", help="torch.compile the model (all but the decoder's "
                                                               "output layers, which the adaptive GAN weight needs)")
@@ -524,43 +505,45 @@ def parse_args(argv=None):
                        help="torch.compile backend (aot_eager compiles in seconds, for CPU rehearsals)")
     optim.add_argument("--grad-checkpoint", action="store_true",
                        help="activation checkpointing of the DINOv2 blocks: less memory, one more forward")
-    optim.add_argument("--max-bad-steps", type=positive_int, default=20,
+    optim.add_argument("--max-bad-steps", type=harness.positive_int, default=20,
                        help="stop after this many non-finite steps in a row (each is skipped and counted; "
                             "our choice)")
     loss = parser.add_argument_group("losses")
-    loss.add_argument("--perceptual-weight", type=non_negative_float, default=1.0,
+    loss.add_argument("--perceptual-weight", type=harness.non_negative_float, default=1.0,
                       help="LPIPS weight; > 0 needs the two files below, 0 turns LPIPS off")
-    loss.add_argument("--vgg-weights", type=input_path(), help="torchvision's vgg16-397923af.pth for LPIPS")
-    loss.add_argument("--lpips-weights", type=input_path(), help="lpips' weights/v0.1/vgg.pth (the five linear heads)")
-    loss.add_argument("--disc-weight", type=non_negative_float, default=0.5,
+    loss.add_argument("--vgg-weights", type=harness.input_path(), help="torchvision's vgg16-397923af.pth for LPIPS")
+    loss.add_argument("--lpips-weights", type=harness.input_path(),
+                      help="lpips' weights/v0.1/vgg.pth (the five linear heads)")
+    loss.add_argument("--disc-weight", type=harness.non_negative_float, default=0.5,
                       help="generator GAN weight times lambda_adapt; 0 = off")
-    loss.add_argument("--disc-start", type=non_negative_int, default=20000,
+    loss.add_argument("--disc-start", type=harness.non_negative_int, default=20000,
                       help="step of this stage at which a new discriminator's GAN term starts (our choice); a "
                            "discriminator carried from --init is trained already and joins at once")
     loss.add_argument("--fresh-discriminator", action="store_true",
                       help="start a new discriminator instead of carrying the previous stage's (our choice: carry)")
-    loss.add_argument("--disc-lr", type=non_negative_float, default=1e-4)
-    loss.add_argument("--disc-layers", type=positive_int, default=3,
+    loss.add_argument("--disc-lr", type=harness.non_negative_float, default=1e-4)
+    loss.add_argument("--disc-layers", type=harness.positive_int, default=3,
                       help="PatchGAN depth (LDM: 3; needs images >= 32 px)")
-    loss.add_argument("--disc-betas", type=below_one, nargs=2, default=[0.5, 0.9],
+    loss.add_argument("--disc-betas", type=harness.below_one, nargs=2, default=[0.5, 0.9],
                       help="discriminator AdamW betas (LDM)")
     loss.add_argument("--disc-norm", default="group", choices=["batch", "group", "none"],
                       help="our choice: group (no batch statistics, so DDP ranks and the real/fake halves do "
                            "not mix); batch is LDM's")
-    loss.add_argument("--sp-weight", type=non_negative_float, default=1.0,
+    loss.add_argument("--sp-weight", type=harness.non_negative_float, default=1.0,
                       help="w_sp (paper: 1 on ImageNet, 3 on LAION)")
     loss.add_argument("--sp-loss", default="l2", choices=["l2", "cosine"], help="semantic preservation distance")
     loss.add_argument("--sp-placement", default="latent", choices=["latent", "features"],
                       help="on the adapter's latent (paper) or on the encoder features before it (ablation)")
     logging = parser.add_argument_group("logging and checkpoints")
-    logging.add_argument("--log-every", type=positive_int, default=50)
-    logging.add_argument("--sample-every", type=positive_int, default=500)
-    logging.add_argument("--ckpt-every", type=positive_int, default=1000)
-    logging.add_argument("--stats-images", type=positive_int, default=10000, help="images for the latent statistics")
+    logging.add_argument("--log-every", type=harness.positive_int, default=50)
+    logging.add_argument("--sample-every", type=harness.positive_int, default=500)
+    logging.add_argument("--ckpt-every", type=harness.positive_int, default=1000)
+    logging.add_argument("--stats-images", type=harness.positive_int, default=10000,
+                         help="images for the latent statistics")
     args = parser.parse_args(argv)
     if args.stage > 1 and args.encoder_weights:
-        parser.error(f"--encoder-weights is for stage 1 (and 0); stage {args.stage} takes the encoder from --init")
-    if args.stage > 0 and args.perceptual_weight > 0 and not (args.vgg_weights and args.lpips_weights):
+        parser.error(f"--encoder-weights is for stage 1; stage {args.stage} takes the encoder from --init")
+    if args.perceptual_weight > 0 and not (args.vgg_weights and args.lpips_weights):
         parser.error(f"--perceptual-weight {args.perceptual_weight} needs --vgg-weights (torchvision's "
                      f"vgg16-397923af.pth) and --lpips-weights (lpips' weights/v0.1/vgg.pth); pass both, or "
                      f"--perceptual-weight 0 to train without LPIPS")

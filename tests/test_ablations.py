@@ -10,6 +10,7 @@ import ablations
 import evaluate
 import sample
 import train_diffusion
+import train_stand_in
 import train_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -28,10 +29,10 @@ def test_quick_sweep_runs_every_variant_once(tmp_path):
     assert (tmp_path / "convergence.png").is_file()
 
     commands = (tmp_path / "commands.txt").read_text().splitlines()
-    stage0 = [c for c in commands if "--stage 0" in c]
+    stage0 = [c for c in commands if "train_stand_in.py" in c]
     stage1 = [c for c in commands if "--stage 1" in c]
     assert len(stage0) == 2 and len(stage1) == 4          # per seed: one stand-in, one stage 1 per encoder
-    parsers = {"train_tokenizer.py": train_tokenizer.parse_args, "train_diffusion.py": train_diffusion.parse_args,
+    parsers = {"train_stand_in.py": train_stand_in.parse_args, "train_tokenizer.py": train_tokenizer.parse_args, "train_diffusion.py": train_diffusion.parse_args,
                "sample.py": sample.parse_args, "evaluate.py": evaluate.build_parser().parse_args}
     for line in commands:
         words = shlex.split(line)

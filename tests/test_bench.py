@@ -32,7 +32,7 @@ def test_the_demo_work_row_reads_the_demo_schedule_from_run_demo_sh():
         lines = [line for line in f if "--steps" in line]
     steps, samples = bench.demo_schedule()
     assert [f'--steps "$(steps {n})"' in line for n, line in zip(steps, lines)] == [True] * 5
-    assert ["--stage 0" in lines[0], "--stage 3" in lines[3], "train_diffusion.py" in lines[4]] == [True] * 3
+    assert ["train_stand_in.py" in lines[0], "--stage 3" in lines[3], "train_diffusion.py" in lines[4]] == [True] * 3
     assert samples == 500 and bench.DEMO_BATCHES["stage0"] == 64      # run_demo.sh: --batch-size 64 in stage 0
     sample_line = [line for line in lines if "--cfg-scale" in line][0]
     assert f"--batch-size {bench.DEMO_BATCHES['sample']} " in sample_line

@@ -22,7 +22,7 @@ CASES = {
                    decoder_res_blocks=1, image_size=16, encoder_size=32),
     LightningDiT: dict(input_size=4, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=2,
                        mlp_ratio=2.0, num_classes=5, qk_norm=True, use_rope=False),
-    PatchDiscriminator: dict(in_channels=4, width=8, n_layers=2, norm="group"),
+    PatchDiscriminator: dict(in_channels=4, width=8, n_layers=2, norm="batch"),
 }
 
 

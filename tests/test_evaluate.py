@@ -18,7 +18,7 @@ from evaluate import (dinov2_features, frechet_distance, inception_score, iter_n
                       load_reference, main, precision_recall, psnr, ssim)
 from evaluate import feature_distance as fd_dinov2
 from inception import INCEPTION_URL, load_inception, resize_tf1_bilinear
-from training import save_npz
+from harness import save_npz
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

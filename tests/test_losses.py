@@ -126,7 +126,8 @@ def test_discriminator_shapes(norm):
 
 def test_discriminator_layout_and_init():
     torch.manual_seed(0)
-    disc = losses.PatchDiscriminator()
+    assert losses.PatchDiscriminator().config["norm"] == "group"    # the default of --disc-norm
+    disc = losses.PatchDiscriminator(norm="batch")
     # LDM's NLayerDiscriminator (ndf=64, n_layers=3, BatchNorm), counted by hand:
     # conv 3->64 (+bias), convs 64->128, 128->256, 256->512 without bias + BN, conv 512->1 (+bias).
     expected = (3 * 64 * 16 + 64) + (64 * 128 * 16 + 2 * 128) + (128 * 256 * 16 + 2 * 256) \

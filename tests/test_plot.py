@@ -93,12 +93,12 @@ def test_legend_sits_outside_the_axes(tmp_path):
 
 
 def test_save_grid_draws_torchvisions_grid(tmp_path):
-    """training.save_grid against torchvision's save_image (same padding, rounding and row
+    """harness.save_grid against torchvision's save_image (same padding, rounding and row
     filling), with a last row that is not full."""
     import torch
     from torchvision.utils import save_image
 
-    from training import save_grid
+    from harness import save_grid
     images = torch.rand(7, 3, 5, 6, generator=torch.Generator().manual_seed(0)) * 2.4 - 1.2   # some outside [-1, 1]
     save_grid(images, tmp_path / "ours.png", nrow=3)
     save_image((images.clamp(-1, 1) + 1) / 2, tmp_path / "torchvision.png", nrow=3, padding=2)

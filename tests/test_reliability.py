@@ -20,13 +20,14 @@ import torch
 from PIL import Image
 
 import evaluate
+import harness
 import latents
 import sample
 import train_diffusion
+import train_stand_in
 import train_tokenizer
-import training
 from data import ImageFolderData
-from test_tokenizer import TINY, TINY_ENCODER, TINY_TOKENIZER
+from test_tokenizer import STAND_IN_TINY, TINY, TINY_ENCODER, TINY_TOKENIZER
 from test_tokenizer_long_runs import state_equal
 from test_train_diffusion import save_tokenizer
 from tokenizer import AlignTok
@@ -124,9 +125,9 @@ def test_under_torchrun_every_rank_stops_at_the_same_step(tiny, tmp_path):
 
 
 def test_sigint_stops_the_tokenizer_cleanly(tmp_path):
-    out = tmp_path / "stage0"
-    argv = ["--stage", "0", "--out", str(out), "--steps", "100000", *TINY, *TINY_ENCODER, "--sample-every", "100000",
-            "--workers", "1"]
+    out = tmp_path / "stage1"
+    argv = ["--stage", "1", "--encoder-weights", "random", "--out", str(out), "--steps", "100000", *TINY,
+            *TINY_ENCODER, *TINY_TOKENIZER, "--sample-every", "100000", "--workers", "1"]
     process = start("train_tokenizer.py", argv)
     wait_for(lambda: metric_lines(out) >= 1, process, "a logged step")
     os.killpg(process.pid, signal.SIGINT)             # as Ctrl-C does: to the whole foreground group
@@ -172,9 +173,9 @@ def test_sigterm_keeps_the_finished_sample_shards(tiny, tmp_path):
 
 def test_an_echoed_signal_is_one_request_and_a_later_one_stops_at_once(monkeypatch):
     previous = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
-    monkeypatch.setattr(training.StopSignal, "ECHO_SECONDS", 0.3)
+    monkeypatch.setattr(harness.StopSignal, "ECHO_SECONDS", 0.3)
     try:
-        stop = training.StopSignal()
+        stop = harness.StopSignal()
         os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGTERM)          # torchrun forwarding the scheduler's signal
         assert stop.name == "SIGTERM" and stop.requested(1)
@@ -206,14 +207,14 @@ def test_a_second_signal_during_the_save_stops_at_once_without_a_partial_file(ti
     wait_for(lambda: metric_lines(out) >= 1, process, "a logged step")
     process.send_signal(signal.SIGINT)
     wait_for(lambda: glob.glob(str(out / ".checkpoint.tmp*")), process, "the save")
-    time.sleep(training.StopSignal.ECHO_SECONDS)     # a repeat sooner than this is taken for torchrun's echo
+    time.sleep(harness.StopSignal.ECHO_SECONDS)     # a repeat sooner than this is taken for torchrun's echo
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == 1 and "second SIGINT: stopped at once" in stderr.strip().splitlines()[-1]
     assert not glob.glob(str(out / "*checkpoint*")) and not glob.glob(str(out / ".*tmp*"))
 
 
-HOLD = ("import sys, time, training; training.lock_folder(sys.argv[1], name=sys.argv[2]); print('held', flush=True); "
+HOLD = ("import sys, time, harness; harness.lock_folder(sys.argv[1], name=sys.argv[2]); print('held', flush=True); "
         "time.sleep(120)")
 
 
@@ -276,10 +277,10 @@ def test_a_signal_ends_an_evaluation_in_one_line(monkeypatch):
 #################################################################################
 
 FILL = """
-import sys, torch, training
+import sys, torch, harness
 small, large = torch.zeros(64 * 1024), torch.zeros(1024 * 1024)       # 256 KB, then 4 MB
-training.save_checkpoint({"x": small}, sys.argv[1])
-training.save_checkpoint({"x": large}, sys.argv[1])
+harness.save_checkpoint({"x": small}, sys.argv[1])
+harness.save_checkpoint({"x": large}, sys.argv[1])
 """
 
 
@@ -315,7 +316,7 @@ def encode(*args):
     raise AssertionError("encoded on a full disk")
 AlignTok.encode = encode
 if sys.argv[1] == "after-the-check":       # the disk fills between the check and the reservation
-    latents.check_free_space = lambda *args: None
+    latents.harness.check_free_space = lambda *args: None
 train_diffusion.main(train_diffusion.parse_args(sys.argv[2:]))
 """
 
@@ -359,7 +360,7 @@ def test_an_unwritable_evaluation_or_sample_output_is_one_line_before_any_work(t
 
 
 def test_free_space_is_checked_before_encoding_and_training(tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr(training.shutil, "disk_usage", lambda path: argparse.Namespace(free=1000))
+    monkeypatch.setattr(harness.shutil, "disk_usage", lambda path: argparse.Namespace(free=1000))
     monkeypatch.setattr(AlignTok, "encode", lambda *a: pytest.fail("encoded on a full disk"))
     argv = dit_argv(tiny, tmp_path / "run", 1)
     argv[argv.index("--cache-dir") + 1] = str(tmp_path / "cache")
@@ -378,14 +379,14 @@ def test_stale_temporaries_of_dead_processes_are_removed_and_writes_are_fsynced(
              "checkpoint.pt"]
     for name in names:
         (tmp_path / name).write_text("x")
-    training.lock_folder(str(tmp_path))
+    harness.lock_folder(str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == sorted([".lock", names[2], names[3]])      # a living writer's stays
     events = []
     fsync, replace = os.fsync, os.replace
     monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
                         or fsync(fd))
     monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(b))) or replace(a, b))
-    training.save_checkpoint({"x": torch.ones(3)}, str(tmp_path / "new.pt"))
+    harness.save_checkpoint({"x": torch.ones(3)}, str(tmp_path / "new.pt"))
     assert events == [("fsync", str(tmp_path / f".new.tmp{os.getpid()}.pt")), ("replace", str(tmp_path / "new.pt")),
                       ("fsync", str(tmp_path))]
 
@@ -393,7 +394,7 @@ def test_stale_temporaries_of_dead_processes_are_removed_and_writes_are_fsynced(
 def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path, capsys):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.9}\n{"step": 3, "lo')
-    training.trim_metrics(str(path), 2)
+    harness.trim_metrics(str(path), 2)
     assert path.read_text() == '{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.9}\n'
     assert "dropped the torn last line" in capsys.readouterr().out
 
@@ -438,22 +439,22 @@ def test_unreadable_images_are_skipped_counted_and_bounded(tmp_path, capsys):
     (root / "class1" / "notes.png").write_text("not an image")
     data = (root / "class0" / "0.png").read_bytes()
     (root / "class1" / "truncated.png").write_bytes(data[:len(data) // 2])
-    argv = ["--stage", "0", "--data", str(root), *TINY, *TINY_ENCODER, "--batch-size", "11", "--steps", "2"]
-    train_tokenizer.main(train_tokenizer.parse_args(argv + ["--out", str(tmp_path / "ok"), "--max-bad-images", "0.3"]))
+    argv = ["--data", str(root), *STAND_IN_TINY, *TINY_ENCODER, "--batch-size", "11", "--steps", "2"]
+    train_stand_in.main(train_stand_in.parse_args(argv + ["--out", str(tmp_path / "ok"), "--max-bad-images", "0.3"]))
     skipped = [line for line in capsys.readouterr().out.splitlines() if line.startswith("skipped unreadable image")]
     assert sorted(line.split(": ")[0].split("/")[-1] for line in skipped) == ["empty.png", "notes.png", "truncated.png"]
     records = [json.loads(line) for line in open(tmp_path / "ok" / "metrics.jsonl")]
     assert [r["bad_images"] for r in records] == [3, 3]                 # every epoch sees all, each counted once
     # a resumed run goes on counting the run's images: the checkpoint keeps them, none is named twice
     assert len(torch.load(tmp_path / "ok" / "checkpoint.pt", weights_only=True)["bad_images"]) == 3
-    train_tokenizer.main(train_tokenizer.parse_args(argv[:-1] + ["3", "--out", str(tmp_path / "ok"), "--resume",
-                                                                 "--max-bad-images", "0.3"]))
+    train_stand_in.main(train_stand_in.parse_args(argv[:-1] + ["3", "--out", str(tmp_path / "ok"), "--resume",
+                                                               "--max-bad-images", "0.3"]))
     assert "skipped unreadable image" not in capsys.readouterr().out
     records = [json.loads(line) for line in open(tmp_path / "ok" / "metrics.jsonl")]
     assert [r["bad_images"] for r in records] == [3, 3, 3]
     with pytest.raises(SystemExit, match=r"^error: 3 unreadable images .* more than --max-bad-images 0.1 of 11"):
-        train_tokenizer.main(train_tokenizer.parse_args(argv + ["--out", str(tmp_path / "bad"),
-                                                                "--max-bad-images", "0.1"]))
+        train_stand_in.main(train_stand_in.parse_args(argv + ["--out", str(tmp_path / "bad"),
+                                                              "--max-bad-images", "0.1"]))
 
 
 def test_evaluation_and_the_latent_cache_name_every_unreadable_image(tiny, tmp_path):
@@ -568,8 +569,8 @@ def test_encoder_sizes_that_do_not_fit_are_one_line_before_training(tmp_path):
     # the default encoder (patch 14) at the default 32 px: refused when the model is built
     with pytest.raises(SystemExit, match=r"^error: the model flags do not fit together: encoder_size 32 is not a "
                                          r"multiple of the encoder's patch size 14"):
-        train_tokenizer.main(train_tokenizer.parse_args(["--stage", "0", "--out", str(tmp_path / "run"),
-                                                         "--num-images", "8", "--workers", "0"]))
+        train_stand_in.main(train_stand_in.parse_args(["--out", str(tmp_path / "run"), "--num-images", "8",
+                                                       "--workers", "0"]))
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
@@ -588,7 +589,7 @@ BAD_FLAGS = [(train_diffusion, f, v) for f, v in [
 def test_numeric_flags_are_checked_at_parse_time(module, flag, value, capsys):
     existing = __file__    # input paths must exist
     required = {train_diffusion: ["--tokenizer", existing, "--out", "o"],
-                train_tokenizer: ["--stage", "0", "--out", "o"],
+                train_tokenizer: ["--stage", "1", "--out", "o"],
                 sample: ["--ckpt", existing, "--out", "o.npz"],
                 evaluate: ["metrics", "--samples", existing, "--ref", existing]}[module]
     values = [value, value] if flag == "--disc-betas" else [value]

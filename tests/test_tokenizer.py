@@ -1,10 +1,11 @@
 """The AlignTok model and its three-stage training script, run through the command line
-on tiny configs (CPU, a few steps each), chained 0 -> 1 -> 2 -> 3."""
+on tiny configs (CPU, a few steps each), chained stand-in (0) -> 1 -> 2 -> 3."""
 import json
 
 import pytest
 import torch
 
+import train_stand_in
 import train_tokenizer
 from data import build_dataset
 from tokenizer import AlignTok, Decoder, load_stand_in, load_tokenizer
@@ -21,9 +22,18 @@ TINY_TOKENIZER = ["--latent-channels", "4", "--decoder-width", "16", "--decoder-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+STAND_IN_TINY = ["--image-size", "16", "--encoder-size", "16", "--num-images", "64", "--batch-size", "8",
+                 "--log-every", "1", "--lr", "1e-3"]
+
+
 def run_stage(stage, out, *extra, steps=4):
-    argv = ["--stage", str(stage), "--out", str(out), "--steps", str(steps)] + TINY + list(extra)
-    train_tokenizer.main(train_tokenizer.parse_args(argv))
+    """Stage 0 (the stand-in, train_stand_in.py) or a tokenizer stage, from the command line."""
+    if stage == 0:
+        train_stand_in.main(train_stand_in.parse_args(["--out", str(out), "--steps", str(steps), *STAND_IN_TINY,
+                                                       *extra]))
+    else:
+        argv = ["--stage", str(stage), "--out", str(out), "--steps", str(steps)] + TINY + list(extra)
+        train_tokenizer.main(train_tokenizer.parse_args(argv))
     return torch.load(out / "checkpoint.pt", weights_only=True)
 
 
