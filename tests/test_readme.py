@@ -136,8 +136,8 @@ def rehearsal(tmp_path_factory):
 
 def test_readme_gpu_commands_run_scaled_down(rehearsal):
     folder, data = rehearsal
-    training = readme_commands("## Real data and real DINOv2 (GPU)", "### FID protocol")
-    evaluation = readme_commands("### FID protocol", "## Flags by family")
+    training = readme_commands("## Real data and real DINOv2 (GPU)", "### Sampling and evaluation")
+    evaluation = readme_commands("### Sampling and evaluation", "## Results")
     scripts = [next(w for w in shlex.split(c) if w in SCRIPTS) for c in training + evaluation]
     assert scripts == ["train_tokenizer.py"] * 3 + ["train_diffusion.py", "sample.py", "evaluate.py", "evaluate.py"]
     for command in training + evaluation:
