@@ -477,6 +477,9 @@ def cmd_recon(args):
     else:
         if args.dinov2_weights:
             encoder, name = load_dinov2(args.dinov2, args.dinov2_weights).to(args.device).eval(), "fd_dinov2"
+        elif not hasattr(tok.encoder, "forward_features"):
+            raise SystemExit(f"error: --tokenizer {args.tokenizer} is a VAE, whose convolutional encoder has no "
+                             f"features to measure in; pass --inception-weights (rFID) or --dinov2-weights (FD_DINOv2)")
         else:
             print(f"computing the Frechet distance in the tokenizer's own (fine-tuned) encoder features instead; "
                   f"pass --dinov2-weights {args.dinov2}_pretrain.pth for FD_DINOv2 proper")
