@@ -82,8 +82,10 @@ def test_encode_and_decode_match_diffusers(name, tmp_path, one_thread):
     assert ours.grid_size == tuple(posterior.mean.shape[-2:])
 
 
-def test_old_style_attention_keys_load(tmp_path, one_thread):
-    """Folders converted before diffusers 0.15 name the attention query/key/value/proj_attn."""
+@pytest.mark.parametrize("conv_shaped", [False, True])
+def test_old_style_attention_keys_load(conv_shaped, tmp_path, one_thread):
+    """Folders converted before diffusers 0.15 name the attention query/key/value/proj_attn;
+    LDM's attention holds them as 1x1 convs, weights (C, C, 1, 1)."""
     theirs = diffusers_vae("every_block")
     folder = saved(theirs, tmp_path / "old")
     renames = {"to_q.": "query.", "to_k.": "key.", "to_v.": "value.", "to_out.0.": "proj_attn."}
@@ -93,7 +95,8 @@ def test_old_style_attention_keys_load(tmp_path, one_thread):
             new = key
             for a, b in renames.items():
                 new = new.replace(a, b)
-            state[new] = state.pop(key)
+            value = state.pop(key)
+            state[new] = value[..., None, None] if conv_shaped and value.ndim == 2 else value
     rewrite_weights(folder, to_old_names)
     ours = load_autoencoder_kl(folder, image_size=32)
     x = images()
