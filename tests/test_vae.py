@@ -245,3 +245,37 @@ def test_loader_errors_are_one_line_naming_the_problem(tmp_path):
     os.remove(config_path)       # no longer a diffusers folder: load_tokenizer wants a checkpoint file
     with pytest.raises(FileNotFoundError, match="tokenizer checkpoint not found"):
         load_tokenizer(folder)
+
+
+#################################################################################
+#                    A diffusers folder through the DiT commands                #
+#################################################################################
+
+def test_a_diffusers_folder_trains_and_samples_a_patch_2_dit(tmp_path, one_thread):
+    """train_diffusion.py --tokenizer FOLDER --model LightningDiT-B/2 on 256 px images: the
+    cache holds diffusers' posterior means of the images and their flips, the DiT sees f8's
+    32x32 latents as 16x16 tokens; sample.py decodes the checkpoint's samples with the folder."""
+    import numpy as np
+    from PIL import Image
+    import sample
+    from data import build_dataset
+    from dit import load_dit
+    from train_diffusion import main, parse_args
+    theirs = diffusers_vae("sd")
+    folder = saved(theirs, tmp_path / "sd")
+    out = tmp_path / "dit"
+    main(parse_args(["--tokenizer", folder, "--out", str(out), "--model", "LightningDiT-B/2", "--num-images", "4",
+                     "--batch-size", "4", "--depth", "1", "--hidden-size", "32", "--num-heads", "2", "--steps", "2",
+                     "--log-every", "1", "--sample-columns", "1", "--sample-steps", "1", "--cache-dtype", "float32"]))
+    model, checkpoint = load_dit(str(out / "checkpoint.pt"), use_ema=True)
+    assert (model.config["patch_size"], model.config["input_size"], model.config["in_channels"]) == (2, 32, 4)
+    cache = np.load(str(next((out / "latents").glob("latents-*.npy"))))
+    x = torch.stack([build_dataset("synthetic", 256, "train", 4, 0)[i][0] for i in range(2)])
+    with torch.no_grad():
+        expected = theirs.encode(torch.cat((x, x.flip(-1)))).latent_dist.mode()
+    torch.testing.assert_close(torch.from_numpy(cache[:2, 0]), expected[:2], **TOL)
+    torch.testing.assert_close(torch.from_numpy(cache[:2, 1]), expected[2:], **TOL)
+    grid = str(tmp_path / "grid.png")
+    sample.main(["--ckpt", str(out / "checkpoint.pt"), "--grid", grid, "--classes", "0", "--per-class", "1",
+                 "--steps", "1", "--device", "cpu"])
+    assert Image.open(grid).size[1] >= 256
