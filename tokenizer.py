@@ -420,11 +420,7 @@ class AlignTok(nn.Module):
 
 def load_tokenizer(path, use_ema=True):
     """Rebuilds an AlignTok from a train_tokenizer.py checkpoint alone (eval mode, the
-    EMA weights unless use_ema=False); a folder with a config.json is a diffusers
-    AutoencoderKL (vae.py), which has the same encode/decode/normalize methods."""
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
-        from vae import load_autoencoder_kl   # here, not at the top: vae.py builds on this file
-        return load_autoencoder_kl(path)
+    EMA weights unless use_ema=False)."""
     checkpoint = read_weights(path, "tokenizer checkpoint", "train one with train_tokenizer.py --stage 1/2/3 "
                                                             "and pass its checkpoint.pt")
     if "tokenizer_config" not in checkpoint:

@@ -32,12 +32,12 @@ from data import build_dataset, step_loader
 from dit import DIT_NAMES, create_model, drop_labels, flow_loss, sample
 from latents import LatentPairs, cache_latents
 from layers import load_state_dict_strict
-from tokenizer import load_tokenizer
 from training import (MetricsLog, StopSignal, all_finite, autocast, below_one, check_free_space, checkpoint_bytes,
                       cleanup_distributed, clip_gradients, ema_decay, gather_rng_states, gradient_sync, input_path,
                       lock_folder, non_negative_float, non_negative_int, open_run, positive_int, read_or_exit,
                       save_checkpoint, save_grid, set_rng_state, setup_distributed, stop_if_beyond_repair, trim_metrics,
                       unit_interval, unwrap, update_ema)
+from vae import load_tokenizer_or_vae
 
 
 #################################################################################
@@ -95,7 +95,7 @@ def main(args):
                                        None if {"model_config", "latents"} <= set(checkpoint) else
                                        "is not a train_diffusion.py checkpoint; choose another --out")
     metrics_path = os.path.join(args.out, "metrics.jsonl")
-    tokenizer = read_or_exit(load_tokenizer, args.tokenizer, "--tokenizer").to(device)
+    tokenizer = read_or_exit(load_tokenizer_or_vae, args.tokenizer, "--tokenizer").to(device)
 
     # ---- data: the latent cache ---------------------------------------------------
     dataset = build_dataset(args.data, tokenizer.image_size, "train", args.num_images, args.seed)
@@ -209,7 +209,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     run = parser.add_argument_group("run")
     run.add_argument("--tokenizer", required=True, type=input_path(),
-                     help="tokenizer checkpoint.pt of train_tokenizer.py stage 1-3")
+                     help="tokenizer checkpoint.pt of train_tokenizer.py stage 1-3, or a diffusers "
+                          "AutoencoderKL folder (vae.py; f8 VAEs want a /2 --model)")
     run.add_argument("--out", required=True, help="run folder for checkpoint.pt, metrics.jsonl and samples.png")
     run.add_argument("--resume", action="store_true",
                      help="continue the run in --out from its checkpoint (starts fresh if it has none)")

@@ -16,7 +16,8 @@ lowest level too (our decoder's default), SD's and FLUX's VAEs only in the middl
 (level_attention=False).
 
 The file reads top to bottom: the encoder, the posterior, the AutoencoderKL module with the
-methods every command uses on a tokenizer, then reading a diffusers folder.
+methods every command uses on a tokenizer, then reading a diffusers folder, and
+load_tokenizer_or_vae, which every command's --tokenizer goes through.
 
     SD-VAE f8c4:     width 128, multipliers (1, 2, 4, 4), 2 residual blocks, latent 4, level_attention=False
     FLUX.1 f8c16:    the same with latent 16, no quant_conv / post_quant_conv
@@ -31,7 +32,8 @@ import torch.nn.functional as F
 
 from layers import constructor_config, load_state_dict_strict, read_weights
 from losses import kl_loss
-from tokenizer import AlignTok, AttentionBlock, Decoder, ResnetBlock, Upsample, group_norm, read_safetensors
+from tokenizer import (AlignTok, AttentionBlock, Decoder, ResnetBlock, Upsample, group_norm, load_tokenizer,
+                       read_safetensors)
 
 
 #################################################################################
@@ -336,3 +338,12 @@ def load_autoencoder_kl(folder, image_size=256):
     state["latent_std"] = torch.tensor(std, dtype=torch.float32) / scale
     load_state_dict_strict(model, state, weights)
     return model.eval()
+
+
+def load_tokenizer_or_vae(path):
+    """What every command's --tokenizer names: a folder with a config.json is a diffusers
+    AutoencoderKL (load_autoencoder_kl), anything else a train_tokenizer.py checkpoint
+    (tokenizer.load_tokenizer). Here rather than in tokenizer.py, which this file builds on."""
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+        return load_autoencoder_kl(path)
+    return load_tokenizer(path)

@@ -8,6 +8,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = [
     {"layers", "training", "data", "latents", "plot"},
     {"tokenizer", "dit", "losses", "inception"},
+    {"vae"},
     {"sample", "bench"},
     {"train_tokenizer", "train_diffusion", "evaluate"},
     {"ablations"},

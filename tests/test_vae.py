@@ -12,8 +12,7 @@ from torch.distributions import Normal, kl_divergence
 diffusers = pytest.importorskip("diffusers")
 
 from losses import kl_loss                                               # noqa: E402
-from tokenizer import load_tokenizer                                     # noqa: E402
-from vae import AutoencoderKL, DiagonalGaussian, load_autoencoder_kl     # noqa: E402
+from vae import AutoencoderKL, DiagonalGaussian, load_autoencoder_kl, load_tokenizer_or_vae  # noqa: E402
 
 TOL = dict(rtol=0, atol=1e-4)
 
@@ -143,7 +142,7 @@ def test_scaling_and_shift_factor_are_the_latent_statistics(tmp_path):
 
 
 def test_recon_of_a_diffusers_folder_has_diffusers_psnr(tmp_path, one_thread):
-    """evaluate.py recon on the folder (load_tokenizer's dispatch, 256 px images) against
+    """evaluate.py recon on the folder (load_tokenizer_or_vae's dispatch, 256 px images) against
     diffusers' own encode (posterior mean) and decode on the same images, measured alike."""
     from data import build_dataset
     from evaluate import main
@@ -151,7 +150,7 @@ def test_recon_of_a_diffusers_folder_has_diffusers_psnr(tmp_path, one_thread):
     from training import psnr
     theirs = diffusers_vae("sd")
     folder = saved(theirs, tmp_path / "sd")
-    assert isinstance(load_tokenizer(folder), AutoencoderKL)
+    assert isinstance(load_tokenizer_or_vae(folder), AutoencoderKL)
     dinov2 = str(tmp_path / "dinov2.pth")                            # random FD_DINOv2 features: only PSNR counts
     torch.save(load_dinov2("dinov2_vits14").state_dict(), dinov2)
     out = str(tmp_path / "recon.json")
@@ -241,10 +240,10 @@ def test_loader_errors_are_one_line_naming_the_problem(tmp_path):
     write()
     os.remove(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
     with pytest.raises(FileNotFoundError, match="no diffusion_pytorch_model.safetensors"):
-        load_tokenizer(folder)
-    os.remove(config_path)       # no longer a diffusers folder: load_tokenizer wants a checkpoint file
+        load_tokenizer_or_vae(folder)
+    os.remove(config_path)       # no longer a diffusers folder: read as a checkpoint file
     with pytest.raises(FileNotFoundError, match="tokenizer checkpoint not found"):
-        load_tokenizer(folder)
+        load_tokenizer_or_vae(folder)
 
 
 #################################################################################
