@@ -40,8 +40,9 @@ from scipy import linalg
 from data import ReportUnreadable, build_dataset
 import harness
 from inception import INCEPTION_FILE, INCEPTION_HELP, INCEPTION_URL, PREPROCESS, download_inception, load_inception
-from tokenizer import encoder_input, load_dinov2, load_stand_in, load_tokenizer
+from tokenizer import encoder_input, load_dinov2, load_stand_in
 from training import psnr
+from vae import load_tokenizer_or_vae
 
 
 #################################################################################
@@ -470,7 +471,7 @@ def report(results, out):
 
 
 def cmd_recon(args):
-    tok = harness.read_or_exit(load_tokenizer, args.tokenizer, "--tokenizer").to(args.device)
+    tok = harness.read_or_exit(load_tokenizer_or_vae, args.tokenizer, "--tokenizer").to(args.device)
     inception = inception_from_args(args, "rFID", "pytorch-fid" if args.preprocess == "auto" else args.preprocess)
     if inception is not None:
         name, fn = "rfid", inception
@@ -521,7 +522,7 @@ def cmd_report(args):
     latents' linear probe, and how often the stand-in classifier sees in a sample the
     class it was conditioned on. Writes metrics.json, recon.png and samples.png."""
     classifier = harness.read_or_exit(load_stand_in, args.stand_in, "--stand-in").to(args.device)
-    tok = harness.read_or_exit(load_tokenizer, args.tokenizer, "--tokenizer").to(args.device)
+    tok = harness.read_or_exit(load_tokenizer_or_vae, args.tokenizer, "--tokenizer").to(args.device)
     measured = measure_reconstructions(tok, data_from_args(args, tok.image_size), args,
                                        {"stand_in": lambda images: classifier.features(2 * images - 1)},
                                        grid_path=args.recon_png)
@@ -546,7 +547,7 @@ def cmd_pca(args):
     upsampled (nearest) to the image size."""
     if args.percentile >= 50:
         raise SystemExit(f"error: --percentile {args.percentile} leaves no range to scale; pass less than 50")
-    tok = harness.read_or_exit(load_tokenizer, args.tokenizer, "--tokenizer").to(args.device)
+    tok = harness.read_or_exit(load_tokenizer_or_vae, args.tokenizer, "--tokenizer").to(args.device)
     images, latents = [], []
     for batch in dataset_batches(data_from_args(args, tok.image_size), args.batch_size, args.workers):
         images.append(batch)                                               # (n, 3, H, W) in [0, 1]
@@ -622,7 +623,8 @@ def build_parser():
     add_common(recon)
     add_inception(recon)
     add_data(recon)
-    recon.add_argument("--tokenizer", required=True, type=harness.input_path(), help="tokenizer checkpoint")
+    recon.add_argument("--tokenizer", required=True, type=harness.input_path(),
+                       help="tokenizer checkpoint or diffusers AutoencoderKL folder")
     recon.add_argument("--quantize", action=argparse.BooleanOptionalAction, default=True,
                        help="round reconstructions to 8 bits before the metrics, as saved images would be")
     recon.add_argument("--dinov2-size", type=harness.positive_int, default=224,
@@ -645,7 +647,8 @@ def build_parser():
     add_data(summary)
     summary.add_argument("--stand-in", required=True, type=harness.input_path(),
                          help="stage-0 checkpoint (stand-in encoder + classifier)")
-    summary.add_argument("--tokenizer", required=True, type=harness.input_path(), help="tokenizer checkpoint")
+    summary.add_argument("--tokenizer", required=True, type=harness.input_path(),
+                       help="tokenizer checkpoint or diffusers AutoencoderKL folder")
     summary.add_argument("--samples", required=True, type=harness.input_path(),
                          help="samples.npz of the sample command (arr_0, arr_1)")
     summary.add_argument("--recon-png", required=True, help="where to write originals over reconstructions")
@@ -657,7 +660,8 @@ def build_parser():
     add_common(pca)
     add_data(pca)
     pca.set_defaults(num_images=8)
-    pca.add_argument("--tokenizer", required=True, type=harness.input_path(), help="tokenizer checkpoint")
+    pca.add_argument("--tokenizer", required=True, type=harness.input_path(),
+                       help="tokenizer checkpoint or diffusers AutoencoderKL folder")
     pca.add_argument("--percentile", type=harness.non_negative_float, default=0.0,
                      help="scale each component from this percentile to 100 minus it over all positions to [0, 1], "
                           "clipped (our choice: 0, min to max; 1 keeps outliers from washing out the colours); "

@@ -3,11 +3,12 @@ Losses for training the AlignTok tokenizer.
 
     L_rec = L1(x, x_hat) + 1.0 * LPIPS(x, x_hat) + 0.5 * lambda_adapt * generator_loss(D(x_hat))
     L_sp  = semantic_preservation_loss(z, z_frozen)        (stage 2 only)
+    L_kl  = kl_loss(mean, logvar)                          (the VAE baselines, vae.py)
 
 The L1 term is F.l1_loss in the caller. The file reads top to bottom: LPIPS (VGG16
 trunk + the v0.1 linear heads, loaded from two local files), the PatchGAN
-discriminator with its hinge losses, LDM's adaptive GAN weight, and the semantic
-preservation loss.
+discriminator with its hinge losses, LDM's adaptive GAN weight, the semantic
+preservation loss and the VAE baselines' KL term.
 """
 import math
 
@@ -220,3 +221,15 @@ def semantic_preservation_loss(z, z_ref, kind="l2"):
     if kind == "cosine":
         return (1.0 - F.cosine_similarity(z, z_ref, dim=1)).mean()   # cos: (N, h, w)
     raise ValueError(f"unknown semantic preservation loss {kind!r}; choose 'l2' or 'cosine'")
+
+
+#################################################################################
+#                          KL term of the VAE baselines                         #
+#################################################################################
+
+def kl_loss(mean, logvar):
+    """KL(N(mean, exp(logvar)) || N(0, I)) of a diagonal Gaussian posterior, both (N, C, h, w):
+    0.5 * sum over C, h, w of (mean^2 + exp(logvar) - 1 - logvar) per image, averaged over
+    the batch (LDM's KL term; the Vanilla VAE and VA-VAE weight it by 1e-6)."""
+    per_image = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=(1, 2, 3))   # (N,)
+    return per_image.mean()

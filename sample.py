@@ -34,8 +34,8 @@ import torch.distributed as dist
 
 import dit
 import harness
-from tokenizer import load_tokenizer
 from training import cleanup_distributed, setup_distributed
+from vae import load_tokenizer_or_vae
 from weights import hash_weights
 
 
@@ -233,7 +233,7 @@ def main(argv=None):
     tok_path = args.tokenizer or checkpoint.get("args", {}).get("tokenizer")
     if not tok_path:
         raise SystemExit(f"error: {args.ckpt} names no tokenizer checkpoint; pass --tokenizer PATH")
-    tok = harness.read_or_exit(load_tokenizer, tok_path,
+    tok = harness.read_or_exit(load_tokenizer_or_vae, tok_path,
                                "--tokenizer" if args.tokenizer else f"{args.ckpt}'s tokenizer")
     if args.cfg_channels is not None and args.cfg_channels > model.config["in_channels"]:
         raise SystemExit(f"error: --cfg-channels {args.cfg_channels} exceeds the model's {model.config['in_channels']} "
@@ -252,7 +252,7 @@ def parse_args(argv=None):
     parser.add_argument("--ckpt", required=True, type=harness.input_path(),
                         help="train_diffusion.py checkpoint (its EMA weights are used)")
     parser.add_argument("--tokenizer", default=None, type=harness.input_path(),
-                        help="tokenizer checkpoint (default: the DiT checkpoint's)")
+                        help="tokenizer checkpoint or diffusers AutoencoderKL folder (default: the DiT checkpoint's)")
     parser.add_argument("--out", help="the sample batch npz (ADM's layout)")
     parser.add_argument("--grid", help="instead of --out: a PNG grid, one row per class of --classes")
     parser.add_argument("--trajectory", help="instead of --out: a PNG of the decoded clean-image prediction along "

@@ -292,9 +292,11 @@ class Decoder(nn.Module):
 
     As in LDM, each level of the upsampling path has res_blocks + 1 residual blocks and
     every level but the last upsamples by 2, so the image is 2**(len(multipliers) - 1)
-    times larger than the latent."""
+    times larger than the latent. level_attention=False keeps attention to the middle block
+    alone, as the SD and FLUX VAEs (vae.py)."""
 
-    def __init__(self, latent_channels=32, width=128, multipliers=(1, 1, 2, 2, 4), res_blocks=2):
+    def __init__(self, latent_channels=32, width=128, multipliers=(1, 1, 2, 2, 4), res_blocks=2,
+                 level_attention=True):
         super().__init__()
         channels = width * multipliers[-1]
         self.conv_in = nn.Conv2d(latent_channels, channels, 3, padding=1)
@@ -307,7 +309,7 @@ class Decoder(nn.Module):
             for _ in range(res_blocks + 1):
                 layers.append(ResnetBlock(channels, out_channels))
                 channels = out_channels
-                if level == len(multipliers) - 1:  # attention only at the latent resolution
+                if level_attention and level == len(multipliers) - 1:  # attention only at the latent resolution
                     layers.append(AttentionBlock(channels))
             if level != 0:
                 layers.append(Upsample(channels))

@@ -32,9 +32,9 @@ from data import build_dataset, step_loader
 from dit import DIT_NAMES, create_model, drop_labels, flow_loss, sample
 import harness
 from latents import LatentPairs, cache_latents
-from tokenizer import load_tokenizer
 from training import (all_finite, autocast, cleanup_distributed, clip_gradients, ema_decay, gradient_sync,
                       setup_distributed, unwrap, update_ema)
+from vae import load_tokenizer_or_vae
 from weights import load_state_dict_strict
 
 
@@ -93,7 +93,7 @@ def main(args):
                                        None if {"model_config", "latents"} <= set(checkpoint) else
                                        "is not a train_diffusion.py checkpoint; choose another --out")
     metrics_path = os.path.join(args.out, "metrics.jsonl")
-    tokenizer = harness.read_or_exit(load_tokenizer, args.tokenizer, "--tokenizer").to(device)
+    tokenizer = harness.read_or_exit(load_tokenizer_or_vae, args.tokenizer, "--tokenizer").to(device)
 
     # ---- data: the latent cache ---------------------------------------------------
     dataset = build_dataset(args.data, tokenizer.image_size, "train", args.num_images, args.seed)
@@ -207,7 +207,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     run = parser.add_argument_group("run")
     run.add_argument("--tokenizer", required=True, type=harness.input_path(),
-                     help="tokenizer checkpoint.pt of train_tokenizer.py stage 1-3")
+                     help="tokenizer checkpoint.pt of train_tokenizer.py stage 1-3, or a diffusers "
+                          "AutoencoderKL folder (vae.py; f8 VAEs want a /2 --model)")
     run.add_argument("--out", required=True, help="run folder for checkpoint.pt, metrics.jsonl and samples.png")
     run.add_argument("--resume", action="store_true",
                      help="continue the run in --out from its checkpoint (starts fresh if it has none)")

@@ -9,6 +9,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = [
     {"layers", "training", "harness", "weights", "data", "latents", "plot"},
     {"tokenizer", "dit", "losses", "inception"},
+    {"vae"},
     {"sample", "bench"},
     {"train_stand_in", "train_tokenizer", "train_diffusion", "evaluate"},
     {"ablations"},
