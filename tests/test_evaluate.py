@@ -420,7 +420,13 @@ def test_stats_and_metrics_end_to_end(inception, tmp_path, monkeypatch, capsys):
     assert results["fid"] == 1.0 and results["sfid"] == 2.0 and results["num_samples"] == 8
     assert results["preprocess"] == "pytorch-fid"
     assert results["precision"] == 1.0 and results["recall"] == 1.0
-    assert 1.0 <= results["inception_score"] < 1008
+    # IS from the logits without the classifier's bias (as ADM and torch-fidelity): the
+    # samples are the reference images, so their pool features are the reference's
+    weight, bias = inception.fc.weight.detach().double().numpy(), inception.fc.bias.detach().double().numpy()
+    unbiased = inception_score(stats["pool"].astype(np.float64) @ weight.T)[0]
+    biased = inception_score(stats["pool"].astype(np.float64) @ weight.T + bias)[0]
+    assert results["inception_score"] == pytest.approx(unbiased, rel=1e-3)
+    assert abs(biased - unbiased) > 0.05 * unbiased                      # the bias would show
     (mu1, s1, mu2, s2), (mu1_s, s1_s, mu2_s, s2_s) = calls
     def close(a, b):
         return np.linalg.norm(a - b) < 1e-4 * np.linalg.norm(b)
