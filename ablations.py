@@ -71,8 +71,8 @@ BUDGETS = {  # our choice: the demo's schedule with shorter DiT runs, so the swe
 def run(script, argv, log, done):
     """Runs one command of the pipeline in this process (no interpreter start-up per step),
     printed first and logged to commands.txt, so that it can be retyped by hand. done():
-    whether the command finished its work; a training script stopped by Ctrl-C or SIGTERM
-    saves and returns normally, and the sweep must stop there too."""
+    whether the command finished its work; a script stopped by Ctrl-C or SIGTERM saves and
+    returns harness.STOPPED, and the sweep stops there too."""
     line = shlex.join(["python", script] + argv)
     print(f"$ {line}", flush=True)
     with open(log, "a") as f:
@@ -83,25 +83,27 @@ def run(script, argv, log, done):
              "sample.py": sample.main, "evaluate.py": evaluate.main}[script]
     handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
-        entry(argv)
+        status = entry(argv)
     except SystemExit as error:
-        if error.code not in (None, 0):
+        status = error.code
+        if status not in (None, 0, harness.STOPPED):
             raise SystemExit(f"error: this command failed: {line}\n{error}") from None
     finally:   # the scripts install their own signal handlers; the next command starts clean
         for number, handler in handlers.items():
             signal.signal(number, handler)
-    if not done():
+    if status == harness.STOPPED or not done():
         raise SystemExit(f"stopped during: {line}\nrerun the same ablations.py command to continue from there")
 
 
 def finished(folder, steps):
-    """Whether the run in folder logged its last step (then it is not run again)."""
-    path = os.path.join(folder, "metrics.jsonl")
-    if not os.path.isfile(os.path.join(folder, "checkpoint.pt")) or not os.path.isfile(path):
+    """Whether the run in folder finished `steps` (then it is not run again): its checkpoint
+    says so, which the scripts write last, after a stage's latent statistics and a DiT's
+    samples; the metrics log is written earlier and would pass a run stopped in between."""
+    path = os.path.join(folder, "checkpoint.pt")
+    if not os.path.isfile(path):
         return False
-    with open(path) as f:
-        lines = [line for line in f if line.strip()]
-    return bool(lines) and json.loads(lines[-1])["step"] >= steps
+    checkpoint = harness.load_checkpoint(path)
+    return bool(checkpoint.get("finished")) and checkpoint["step"] >= steps
 
 
 def tokenizer_stage(stage, folder, steps, flags, budget, seed, log):

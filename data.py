@@ -276,7 +276,9 @@ class StepLoader:
     """The batches (inputs, labels) of a step_loader. Unreadable images that SkipUnreadable
     replaced are printed once each, counted (bad_images in metrics.jsonl, kept in the
     checkpoint so that a resumed run goes on counting), and stop the run with one line when
-    more than max_bad_images of the data set is unreadable."""
+    more than max_bad_images of the data set is unreadable: over all ranks, checked whenever
+    the ranks gather their counts (each logged step and checkpoint), and at once when one
+    rank's own count is past the bound."""
 
     def __init__(self, batches, dataset_size, max_bad_images, known_bad=()):
         self.batches, self.dataset_size, self.max_bad_images = batches, dataset_size, max_bad_images
@@ -290,20 +292,25 @@ class StepLoader:
             if line and line not in self.bad:
                 self.bad[line] = None
                 print(f"skipped unreadable image {line}", flush=True)
-        if len(self.bad) > self.max_bad_images * self.dataset_size:
-            raise SystemExit(f"error: {len(self.bad)} unreadable images (the last: {next(reversed(self.bad))}), more "
-                             f"than --max-bad-images {self.max_bad_images} of {self.dataset_size}; fix the data set "
-                             f"or raise --max-bad-images, then --resume")
+        self.check_bound(self.bad)
         return batch[0], batch[1]
+
+    def check_bound(self, bad):
+        if len(bad) > self.max_bad_images * self.dataset_size:
+            raise SystemExit(f"error: {len(bad)} unreadable images (one: {next(iter(bad))}), more than "
+                             f"--max-bad-images {self.max_bad_images} of {self.dataset_size}; fix the data set "
+                             f"or raise --max-bad-images, then --resume")
 
     def bad_images(self, world_size):
         """Every unreadable image found so far by any rank, before a resume too, as sorted
-        "path: reason" lines (all ranks call it)."""
+        "path: reason" lines (all ranks call it, and all stop together past the bound)."""
         if world_size == 1:
             return sorted(self.bad)
         gathered = [None] * world_size
         dist.all_gather_object(gathered, list(self.bad))
-        return sorted(set().union(*gathered))
+        bad = sorted(set().union(*gathered))
+        self.check_bound(bad)
+        return bad
 
 
 def _ignore_stop_signals(worker_id):

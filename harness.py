@@ -42,6 +42,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -53,7 +54,7 @@ import torch.distributed as dist
 from PIL import Image
 
 from plot import training_curves
-from training import all_reduce_mean
+from training import all_reduce_mean, barrier
 from weights import read_weights
 
 
@@ -194,6 +195,12 @@ def remove_stale_temporaries(folder):
             os.remove(os.path.join(folder, name))
 
 
+# The exit status of a run stopped by a signal before it finished its work (BSD's EX_TEMPFAIL,
+# "try again"): not 0, so that a pipeline (run_demo.sh, a job script under set -e) stops
+# there instead of going on with an unfinished stage; the same command continues it.
+STOPPED = 75
+
+
 class StopSignal:
     """SIGTERM (preemption by SLURM or Kubernetes) and SIGINT (Ctrl-C) ask the loop to stop
     after its current step, so that it can save and exit cleanly, instead of killing it. A
@@ -242,15 +249,28 @@ def stop_if_beyond_repair(bad_in_a_row, max_bad_steps, step, checkpoint_path, hi
                          f"{checkpoint_path} holds the last good state ({hint})")
 
 
-def wait_for_files(paths, what, poll_s=2.0):
+def wait_for_files(paths, what, stop_file, timeout, stop=None, poll_s=2.0):
     """Waits until every path exists: how a rank waits for the other ranks' work (sample
     shards, latent cache parts). A barrier there would time out whenever the work is
-    uneven (NCCL kills the waiting ranks after 10 minutes); a file wait has no timeout, and
-    a rank that fails still ends the job, because torchrun then stops every rank."""
+    uneven (NCCL kills the waiting ranks after 10 minutes). The wait ends early, with one
+    line, when a rank that got a signal left stop_file (it stopped after its own share),
+    when this rank got one itself (stop), when the launcher that started this process is
+    gone (an orphan would poll forever), or after `timeout` seconds (--wait-timeout)."""
+    parent, start = os.getppid(), time.monotonic()
     missing = [p for p in paths if not os.path.exists(p)]
     if missing:
         print(f"waiting for {len(missing)} {what} from the other ranks")
     while missing:
+        if os.path.exists(stop_file) or (stop is not None and stop.name is not None):
+            print(f"stopped while waiting for {what}: a rank got a signal; run the same command again to "
+                  f"continue", flush=True)
+            raise SystemExit(STOPPED)
+        if os.getppid() != parent:
+            raise SystemExit(f"error: the launcher of this process (PID {parent}) is gone while it waited for "
+                             f"{len(missing)} {what}; run the same command again")
+        if time.monotonic() - start > timeout:
+            raise SystemExit(f"error: waited {timeout:.0f} s for {len(missing)} {what} (the first: {missing[0]}); "
+                             f"check the other ranks' output, or raise --wait-timeout")
         time.sleep(poll_s)
         missing = [p for p in missing if not os.path.exists(p)]
 
@@ -323,7 +343,7 @@ def load_checkpoint(path, what="checkpoint", hint="check the path"):
 # and how fast, never the data order, the RNG stream or the loss. Everything else must match.
 RESUME_MAY_CHANGE = {"steps", "resume", "out", "log_every", "sample_every", "ckpt_every", "workers", "compile",
                      "compile_backend", "grad_checkpoint", "max_bad_steps", "max_bad_images", "cache_dir",
-                     "cache_batch_size",
+                     "cache_batch_size", "wait_timeout",
                      "stats_images", "sample_columns", "sample_steps", "sample_cfg_scale", "sample_cfg_interval"}
 PATH_FLAGS = {"init", "data", "tokenizer", "encoder_weights", "vgg_weights", "lpips_weights"}
 # Flags added after runs were saved without them: such a run had the value given here.
@@ -336,14 +356,22 @@ def _comparable(name, value):
     return list(value) if isinstance(value, tuple) else value
 
 
-def open_run(args, world_size, kind_check):
-    """(checkpoint path, the run's checkpoint when resuming, else None). An existing run is
-    never overwritten: without --resume it is an error. kind_check(checkpoint) returns an
-    error text when the file belongs to another kind of run. --resume continues exactly, so it
+def open_run(args, rank, world_size, kind_check):
+    """(checkpoint path, the run's checkpoint when resuming, else None). To resume, rank 0
+    first takes the run folder's lock (held until the process ends), and every rank reads
+    the checkpoint only after that: a run that finished while this one started (a requeued
+    job beside the draining one) is then read, not overwritten by an older state. (A fresh
+    run takes the lock later, once its inputs are checked, so that a refused command leaves
+    no folder; lock_folder's new_file check covers its race.) An existing run is never
+    overwritten: without --resume it is an error. kind_check(checkpoint) returns an error
+    text when the file belongs to another kind of run. --resume continues exactly, so it
     refuses another number of processes, or any changed flag outside RESUME_MAY_CHANGE
     (a changed --batch-size, --seed or --data would change the data order and the per-rank
     RNG; a changed --lr or loss weight, the run)."""
     path = os.path.join(args.out, "checkpoint.pt")
+    if rank == 0 and args.resume and os.path.exists(path):
+        lock_folder(args.out)
+    barrier(world_size)
     if not os.path.exists(path):
         return path, None
     if not args.resume:
@@ -365,6 +393,31 @@ def open_run(args, world_size, kind_check):
         raise SystemExit(f"error: --resume continues {path} exactly, but these flags differ: {'; '.join(changed)}. "
                          f"Pass the run's values, or start a new run in another --out")
     return path, checkpoint
+
+
+def resume_command(script, args):
+    """The command line that continues a run, from the args dict its checkpoint keeps."""
+    words = ["python", script]
+    for name, value in dict(args, resume=True).items():
+        flag = "--" + name.replace("_", "-")
+        if value is None or value is False:
+            continue
+        words += [flag] if value is True else [flag, *map(str, value)] if isinstance(value, (list, tuple)) \
+            else [flag, str(value)]
+    return shlex.join(words)
+
+
+def unfinished(checkpoint, what):
+    """None for a run that finished its work (its steps and, for a tokenizer, the latent
+    statistics), else one line saying what is missing and the command that finishes it.
+    Checkpoints written before runs recorded this count as finished."""
+    if checkpoint.get("finished", True):
+        return None
+    script = "train_stand_in.py" if checkpoint.get("stage") == 0 else \
+        "train_diffusion.py" if "model_config" in checkpoint else "train_tokenizer.py"
+    missing = "its steps" if checkpoint["step"] < checkpoint["args"]["steps"] else "its latent statistics"
+    return (f"{what} is an unfinished run (step {checkpoint['step']} of {checkpoint['args']['steps']}; {missing} "
+            f"not done); finish it first: {resume_command(script, checkpoint['args'])}")
 
 
 def gather_rng_states(world_size, *models):

@@ -109,6 +109,7 @@ def cache_latents(tokenizer, dataset, args, rank, world_size, device, expected_k
     token = hashlib.sha256(os.path.abspath(args.out).encode()).hexdigest()[:8]
     temporary = f"{path}.{token}.partial"
     done_marks = [f"{temporary}.rank{r}of{world_size}.done" for r in range(world_size)]
+    stop_mark = f"{temporary}.stopped"          # left by a rank that got a signal: the others stop waiting
     header_path = path.removesuffix(".npy") + ".json"
     if rank == 0:
         # One builder per cache at a time (two would write one file); other caches in the
@@ -117,7 +118,7 @@ def cache_latents(tokenizer, dataset, args, rank, world_size, device, expected_k
         # A memmap that meets a full disk ends in a bus error, not an exception.
         harness.check_free_space(folder, int(np.prod(shape)) * np.dtype(args.cache_dtype).itemsize, "the latent cache",
                          "--cache-dir")
-        for stale in [header_path] + done_marks:        # left by an interrupted build
+        for stale in [header_path, stop_mark] + done_marks:        # left by an interrupted build
             if os.path.exists(stale):
                 os.remove(stale)
         try:
@@ -154,10 +155,11 @@ def cache_latents(tokenizer, dataset, args, rank, world_size, device, expected_k
             offset += len(pairs)
             unreadable += [problem for problem in problems if problem]
             if stop is not None and stop.name is not None:   # this rank's own signal: no collective here
+                open(stop_mark, "w").close()
                 print(f"stopped by {stop.name} while encoding the latent cache ({offset - start} of {end - start} "
                       f"images of rank {rank}); no training step was lost. Rerun the same command (with --resume "
                       f"if the run has a checkpoint) to build the cache again", flush=True)
-                raise SystemExit(0)
+                raise SystemExit(harness.STOPPED)
     if unreadable:   # every image has a row: name them all, and leave the cache uncommitted
         raise SystemExit(f"error: {len(unreadable)} images of --data cannot be read (remove or replace them, then "
                          f"run again): {'; '.join(unreadable)}")
@@ -165,7 +167,7 @@ def cache_latents(tokenizer, dataset, args, rank, world_size, device, expected_k
     # The ranks' blocks differ by at most one image, but encoding times still vary; the waits
     # go through the file system (harness.wait_for_files), which no process-group timeout cuts short.
     if rank == 0:
-        harness.wait_for_files(done_marks, "latent cache parts")
+        harness.wait_for_files(done_marks, "latent cache parts", stop_mark, args.wait_timeout, stop)
         os.replace(temporary, path)
         header = dict(fingerprint=fingerprint, shape=list(shape), tokenizer_path=os.path.abspath(args.tokenizer),
                       data_path=args.data if args.data == "synthetic" else os.path.abspath(args.data),
@@ -176,7 +178,7 @@ def cache_latents(tokenizer, dataset, args, rank, world_size, device, expected_k
             os.remove(mark)
         print(f"latent cache: wrote {path}")
     else:
-        harness.wait_for_files([header_path], "latent cache header")
+        harness.wait_for_files([header_path], "latent cache header", stop_mark, args.wait_timeout, stop)
     return path, key
 
 

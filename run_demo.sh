@@ -12,9 +12,15 @@ SCALE=${DEMO_SCALE:-1}   # the tests run the same pipeline with a tiny fraction 
 steps() { python -c "print(max(2, int($1 * $SCALE)))"; }
 times=""
 timed() {   # timed LABEL COMMAND...: runs the command and keeps its wall time for the summary
-    local label=$1 begin=$(date +%s)
+    local label=$1 begin=$(date +%s) status=0
     shift
-    "$@"
+    # A step stopped by Ctrl-C or SIGTERM saves and exits 75 (or fails): the demo stops there,
+    # never going on with an unfinished stage; rerunning continues it.
+    "$@" || status=$?
+    if [ "$status" -ne 0 ]; then
+        echo "run_demo.sh: '$label' did not finish (exit $status); run the same command again to continue" >&2
+        exit "$status"
+    fi
     times+="$(printf '%5d s  %s' $(( $(date +%s) - begin )) "$label")"$'\n'
 }
 start=$(date +%s)

@@ -22,10 +22,10 @@ shards are keyed to the DiT and tokenizer weights (content hashes) and the sampl
 a changed checkpoint or flag is refused instead of reusing stale shards.
 """
 import argparse
-import hashlib
 import json
 import math
 import os
+import sys
 import zipfile
 
 import numpy as np
@@ -36,7 +36,7 @@ import dit
 import harness
 from training import cleanup_distributed, setup_distributed
 from vae import load_tokenizer_or_vae
-from weights import hash_weights
+from weights import weights_hash
 
 
 #################################################################################
@@ -45,8 +45,10 @@ from weights import hash_weights
 
 def sample_noise(seed, indices, shape):
     """Noise of sample i depends only on (seed, i): any sharding, batch size or resume
-    gives the same images."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed((seed << 32) + i))
+    gives the same images. torch's CPU generator keeps only the low 32 bits of a seed, so
+    (seed, i) is folded into 32 bits: i plus a per-seed offset (a multiple of 2^32 / golden
+    ratio), distinct for every i of one seed and far apart between seeds. Seed 0 gives i."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed((seed * 0x9E3779B1 + i) % 2 ** 32))
                         for i in indices])
 
 
@@ -92,18 +94,12 @@ def shard_folder(out):
     return os.path.splitext(out)[0] + "_shards"
 
 
-def weights_hash(model):
-    """sha256 of a model's config and of every weight it samples with."""
-    digest = hashlib.sha256(json.dumps(model.config, sort_keys=True, default=str).encode())
-    return hash_weights(digest, model.state_dict().items()).hexdigest()
-
-
-def sample_settings(model, checkpoint, tok, args):
+def sample_settings(model, checkpoint, tok_hash, args):
     """What the samples depend on: the weights actually used (content hashes of the DiT's EMA
     and of the tokenizer, not their paths, since train_diffusion.py rewrites one checkpoint.pt
     as it trains), the checkpoint's step, and every flag that changes an image. Not the batch
     size or the number of ranks, which change at most the float rounding."""
-    return dict(dit=weights_hash(model), dit_step=checkpoint.get("step"), tokenizer=weights_hash(tok),
+    return dict(dit=weights_hash(model), dit_step=checkpoint.get("step"), tokenizer=tok_hash,
                 num=args.num, shard_size=args.shard_size, seed=args.seed, steps=args.steps, method=args.method,
                 cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval, shift=args.shift,
                 cfg_channels=args.cfg_channels, precision=args.precision)
@@ -118,6 +114,8 @@ def plan_shards(folder, settings, shard_paths, rank, world_size):
     plan = [None, None]
     if rank == 0:
         harness.lock_folder(folder, "--out")   # two jobs writing one folder's shards would interleave them
+        if os.path.exists(os.path.join(folder, "stopped")):      # left by an interrupted run
+            os.remove(os.path.join(folder, "stopped"))
         if not os.path.isfile(path):
             harness.save_json(path, settings)
         with open(path) as f:
@@ -168,6 +166,7 @@ def write_sample_batch(model, tok, settings, args, rank, world_size, device, sto
     folder = shard_folder(args.out)
     num_shards = math.ceil(args.num / args.shard_size)
     shard_paths = [os.path.join(folder, f"shard_{s:06d}.npz") for s in range(num_shards)]
+    stop_mark = os.path.join(folder, "stopped")     # left by a rank that got a signal: rank 0 stops waiting
     for s in plan_shards(folder, settings, shard_paths, rank, world_size):
         indices = list(range(s * args.shard_size, min((s + 1) * args.shard_size, args.num)))
         parts = [sample_images(model, tok, indices[b:b + args.batch_size], args, device)
@@ -176,12 +175,13 @@ def write_sample_batch(model, tok, settings, args, rank, world_size, device, sto
                  arr_1=np.concatenate([p[1].numpy() for p in parts]))
         print(f"[rank {rank}] shard {s + 1}/{num_shards} done")
         if stop.name is not None:   # ranks share no step here: each stops after its own shard
+            open(stop_mark, "w").close()
             done = sum(os.path.isfile(p) for p in shard_paths)
             print(f"stopped by {stop.name}: {done} of {num_shards} shards kept in {folder}; "
                   f"run the same command again to make the rest", flush=True)
-            return
+            return harness.STOPPED
     if rank == 0:
-        harness.wait_for_files(shard_paths, "sample shards")
+        harness.wait_for_files(shard_paths, "sample shards", stop_mark, args.wait_timeout, stop)
         merge_shards(shard_paths, args.out, settings)
         print(f"wrote {args.num} samples to {args.out} (shards kept in {folder})")
 
@@ -235,16 +235,23 @@ def main(argv=None):
         raise SystemExit(f"error: {args.ckpt} names no tokenizer checkpoint; pass --tokenizer PATH")
     tok = harness.read_or_exit(load_tokenizer_or_vae, tok_path,
                                "--tokenizer" if args.tokenizer else f"{args.ckpt}'s tokenizer")
+    tok_hash = weights_hash(tok)
+    if checkpoint.get("tokenizer_hash", tok_hash) != tok_hash:   # checkpoints before the hash was kept: unchecked
+        raise SystemExit(f"error: the tokenizer {tok_path} is not the one {args.ckpt} was trained with (its weights "
+                         f"hash {tok_hash[:12]}, the DiT's checkpoint records {checkpoint['tokenizer_hash'][:12]}); "
+                         f"pass --tokenizer with the tokenizer the DiT was trained on")
     if args.cfg_channels is not None and args.cfg_channels > model.config["in_channels"]:
         raise SystemExit(f"error: --cfg-channels {args.cfg_channels} exceeds the model's {model.config['in_channels']} "
                          f"latent channels; pass at most that, or leave it out to guide every channel")
+    status = None
     if picture:
         if rank == 0:
             (write_grid if args.grid else write_trajectory)(model.to(device), tok.to(device), args, device)
     else:
-        settings = sample_settings(model, checkpoint, tok, args)
-        write_sample_batch(model.to(device), tok.to(device), settings, args, rank, world_size, device, stop)
+        settings = sample_settings(model, checkpoint, tok_hash, args)
+        status = write_sample_batch(model.to(device), tok.to(device), settings, args, rank, world_size, device, stop)
     cleanup_distributed()
+    return status
 
 
 def parse_args(argv=None):
@@ -286,6 +293,10 @@ def parse_args(argv=None):
     parser.add_argument("--dist-timeout", type=harness.positive_float, default=600,
                         help="seconds a collective waits for the other ranks under torchrun; only the start-up "
                              "joins the ranks, the shards are awaited on the file system (our choice: NCCL's 600)")
+    parser.add_argument("--wait-timeout", type=harness.positive_float, default=3600,
+                        help="seconds a rank waits on the file system for the other ranks' shards before it gives up "
+                             "(our choice: 3600; it also stops when a rank stopped by a signal or the launcher "
+                             "is gone)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if not (args.out or args.grid or args.trajectory):
@@ -294,4 +305,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -416,15 +416,20 @@ class AlignTok(nn.Module):
         return reference.requires_grad_(False).eval()
 
 
-def load_tokenizer(path, use_ema=True):
+def load_tokenizer(path, use_ema=True, finished_only=False):
     """Rebuilds an AlignTok from a train_tokenizer.py checkpoint alone (eval mode, the
-    EMA weights unless use_ema=False)."""
+    EMA weights unless use_ema=False). finished_only: refuse a stage stopped before the end
+    of its steps or of its latent statistics (the DiT needs both)."""
     checkpoint = read_weights(path, "tokenizer checkpoint", "train one with train_tokenizer.py --stage 1/2/3 "
                                                             "and pass its checkpoint.pt")
     if "tokenizer_config" not in checkpoint:
         raise ValueError(f"{path} is not a tokenizer checkpoint (train_stand_in.py checkpoints hold only the "
                          f"stand-in encoder, DiT checkpoints a LightningDiT; pass the checkpoint of "
                          f"train_tokenizer.py stage 1, 2 or 3)")
+    if finished_only and checkpoint.get("finished") is False:
+        raise ValueError(f"{path} is an unfinished stage-{checkpoint['stage']} run (step {checkpoint['step']} of "
+                         f"{checkpoint['args']['steps']}, or its latent statistics not computed); finish it first "
+                         f"with its train_tokenizer.py command plus --resume")
     model = AlignTok(**check_config(AlignTok, checkpoint["tokenizer_config"], path))
     load_state_dict_strict(model, checkpoint["ema" if use_ema else "model"], path)
     return model.eval()

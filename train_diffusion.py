@@ -23,6 +23,7 @@ metrics.jsonl and samples.png (EMA model, one row per class).
 import argparse
 import copy
 import os
+import sys
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -35,7 +36,7 @@ from latents import LatentPairs, cache_latents
 from training import (all_finite, autocast, cleanup_distributed, clip_gradients, ema_decay, gradient_sync,
                       setup_distributed, unwrap, update_ema)
 from vae import load_tokenizer_or_vae
-from weights import load_state_dict_strict
+from weights import load_state_dict_strict, weights_hash
 
 
 #################################################################################
@@ -89,11 +90,14 @@ def main(args):
     # ---- setup -----------------------------------------------------------------
     stop = harness.StopSignal()
     rank, world_size, device = setup_distributed()
-    checkpoint_path, resume = harness.open_run(args, world_size, lambda checkpoint:
+    checkpoint_path, resume = harness.open_run(args, rank, world_size, lambda checkpoint:
                                        None if {"model_config", "latents"} <= set(checkpoint) else
                                        "is not a train_diffusion.py checkpoint; choose another --out")
     metrics_path = os.path.join(args.out, "metrics.jsonl")
-    tokenizer = harness.read_or_exit(load_tokenizer_or_vae, args.tokenizer, "--tokenizer").to(device)
+    tokenizer = harness.read_or_exit(lambda path: load_tokenizer_or_vae(path, finished_only=True), args.tokenizer,
+                                     "--tokenizer").to(device)
+    # What sample.py checks before it decodes: the file at the stored path may be retrained later.
+    tokenizer_hash = weights_hash(tokenizer)
 
     # ---- data: the latent cache ---------------------------------------------------
     dataset = build_dataset(args.data, tokenizer.image_size, "train", args.num_images, args.seed)
@@ -138,7 +142,7 @@ def main(args):
     preview_noise = torch.randn((len(preview_labels),) + latent_shape,
                                 generator=torch.Generator().manual_seed(args.seed))
     preview_labels, preview_noise = preview_labels.to(device), preview_noise.to(device)
-    if rank == 0:   # the lock is held until the process ends
+    if rank == 0:   # the lock is held until the process ends (open_run took it to resume)
         harness.lock_folder(args.out, new_file=checkpoint_path if resume is None else None)
         harness.check_free_space(args.out, harness.checkpoint_bytes(model), "a checkpoint")
         harness.trim_metrics(metrics_path, step)
@@ -146,14 +150,15 @@ def main(args):
         harness.set_rng_state(resume["rng"][rank])
 
     # ---- checkpoint --------------------------------------------------------------
-    def write_checkpoint():
+    def write_checkpoint(finished=False):
         gathered = harness.gather_rng_states(world_size, model, ema)
         if rank == 0:
             harness.save_checkpoint({"model_config": unwrap(model).config, "model": unwrap(model).state_dict(),
-                             "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                             "args": dict(vars(args), tokenizer=os.path.abspath(args.tokenizer)),
-                             "rng": gathered, "skipped": skipped, "num_classes": num_classes,
-                             "latents": cache_key}, checkpoint_path)
+                                     "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                                     "args": dict(vars(args), tokenizer=os.path.abspath(args.tokenizer)),
+                                     "rng": gathered, "skipped": skipped, "num_classes": num_classes,
+                                     "latents": cache_key, "tokenizer_hash": tokenizer_hash, "finished": finished},
+                                    checkpoint_path)
 
     # ---- loop --------------------------------------------------------------------
     progress = tqdm(total=args.steps, initial=step, desc="LightningDiT", disable=rank != 0, dynamic_ncols=True)
@@ -190,13 +195,15 @@ def main(args):
         if stop.requested(world_size):
             break
     progress.close()
-    write_checkpoint()
+    # Last, after the samples: a run is finished when its checkpoint says so.
+    write_checkpoint(finished=step >= args.steps)
     if rank == 0 and step < args.steps:
         stop.report(step, checkpoint_path)
     elif rank == 0:
         print(f"LightningDiT done: {step} steps, loss {record.get('loss')}, {skipped} skipped (non-finite); "
               f"checkpoint {checkpoint_path}")
     cleanup_distributed()
+    return None if step >= args.steps else harness.STOPPED
 
 
 #################################################################################
@@ -231,6 +238,10 @@ def parse_args(argv=None):
     data.add_argument("--cache-dir", help="latent cache folder (default <out>/latents); may be shared by runs")
     data.add_argument("--cache-dtype", default="float16", choices=["float16", "float32"],
                       help="storage type of the cached latents (float16 halves the disk: 42 GB for ImageNet)")
+    data.add_argument("--wait-timeout", type=harness.positive_float, default=3600,
+                      help="seconds a rank waits on the file system for the other ranks' latent cache parts "
+                           "before it gives up (our choice: 3600; it also stops when a rank stopped by a signal "
+                           "or the launcher is gone)")
     data.add_argument("--cache-batch-size", type=harness.positive_int, default=64,
                       help="images per batch when encoding the cache")
     model = parser.add_argument_group("model (in_channels and input_size come from the latents, "
@@ -281,4 +292,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    sys.exit(main(parse_args()))

@@ -15,6 +15,7 @@ report --stand-in). Multi-GPU runs go through torchrun, as for the other scripts
 import argparse
 import copy
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +44,7 @@ def main(args):
     # ---- setup -----------------------------------------------------------------
     stop = harness.StopSignal()
     rank, world_size, device = setup_distributed()
-    checkpoint_path, resume = harness.open_run(args, world_size, lambda checkpoint: None if checkpoint.get(
+    checkpoint_path, resume = harness.open_run(args, rank, world_size, lambda checkpoint: None if checkpoint.get(
         "stage") == 0 else f"is a stage-{checkpoint.get('stage')} tokenizer run, not a stand-in (stage 0) run")
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     torch.manual_seed(args.seed + rank)
@@ -71,7 +72,7 @@ def main(args):
             ema.load_state_dict(model.state_dict())
     loader = step_loader(dataset, args.batch_size, rank, world_size, args.seed, step, args.workers, device,
                          args.max_bad_images, known_bad=[] if resume is None else resume.get("bad_images", []))
-    if rank == 0:   # the lock is held until the process ends
+    if rank == 0:   # the lock is held until the process ends (open_run took it to resume)
         harness.lock_folder(args.out, new_file=checkpoint_path if resume is None else None)
         harness.check_free_space(args.out, harness.checkpoint_bytes(model), "a checkpoint")
         harness.trim_metrics(metrics_path, step)
@@ -79,13 +80,13 @@ def main(args):
         harness.set_rng_state(resume["rng"][rank])
 
     # ---- checkpoint --------------------------------------------------------------
-    def write_checkpoint():
+    def write_checkpoint(finished=False):
         states, bad_images = harness.gather_rng_states(world_size, model, ema), loader.bad_images(world_size)
         if rank == 0:
             harness.save_checkpoint({"stage": 0, "step": step, "skipped": skipped, "args": vars(args),
                                      "stand_in_config": model.config, "model": model.state_dict(),
                                      "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "rng": states,
-                                     "bad_images": bad_images}, checkpoint_path)
+                                     "bad_images": bad_images, "finished": finished}, checkpoint_path)
 
     # ---- loop --------------------------------------------------------------------
     progress = tqdm(total=args.steps, initial=step, desc="stand-in", disable=rank != 0, dynamic_ncols=True)
@@ -123,13 +124,14 @@ def main(args):
         if stop.requested(world_size):
             break
     progress.close()
-    write_checkpoint()
+    write_checkpoint(finished=step >= args.steps)
     if rank == 0:
         if step < args.steps:
             stop.report(step, checkpoint_path)
         else:
             print(f"stand-in done: {step} steps ({skipped} skipped); checkpoint {checkpoint_path}")
     cleanup_distributed()
+    return None if step >= args.steps else harness.STOPPED
 
 
 def parse_args(argv=None):
@@ -180,4 +182,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    sys.exit(main(parse_args()))

@@ -24,6 +24,7 @@ metrics.jsonl and recon.png (originals over reconstructions).
 import argparse
 import copy
 import os
+import sys
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -60,6 +61,9 @@ def read_init(args):
     if checkpoint.get("stage") != args.stage - 1:
         raise SystemExit(f"error: stage {args.stage} must start from a stage-{args.stage - 1} checkpoint, but "
                          f"{args.init} is from stage {checkpoint.get('stage')}; run the stages in order 1, 2, 3")
+    problem = harness.unfinished(checkpoint, f"--init {args.init}")
+    if problem:
+        raise SystemExit(f"error: {problem}")
     return checkpoint
 
 
@@ -83,6 +87,9 @@ def pretrained_encoder(args):
         checkpoint = harness.load_checkpoint(path, "--encoder-weights file", "an official dinov2_*_pretrain.pth, a "
                                              "Hugging Face model.safetensors or a train_stand_in.py checkpoint")
         if checkpoint.get("stage") == 0:   # train_stand_in.py's
+            problem = harness.unfinished(checkpoint, f"--encoder-weights {path}")
+            if problem:
+                raise SystemExit(f"error: {problem}")
             encoder = stand_in_from_checkpoint(checkpoint, path).encoder
             return encoder.config, encoder.state_dict()
         return encoder_overrides(args), official_dinov2_layout(checkpoint, path)
@@ -319,7 +326,7 @@ def main(args):
     # ---- setup -----------------------------------------------------------------
     stop = harness.StopSignal()
     rank, world_size, device = setup_distributed()
-    checkpoint_path, resume = harness.open_run(args, world_size, lambda checkpoint:
+    checkpoint_path, resume = harness.open_run(args, rank, world_size, lambda checkpoint:
                                        None if checkpoint.get("stage") == args.stage else
                                        f"is a stage-{checkpoint.get('stage')} run, not stage {args.stage}")
     metrics_path = os.path.join(args.out, "metrics.jsonl")
@@ -355,7 +362,7 @@ def main(args):
     # of --grad-accum are the same images, and draw the same flips, as one larger batch.
     loader = step_loader(dataset, args.batch_size * args.grad_accum, rank, world_size, args.seed, step, args.workers,
                          device, args.max_bad_images, known_bad=[] if resume is None else resume.get("bad_images", []))
-    if rank == 0:   # the lock is held until the process ends
+    if rank == 0:   # the lock is held until the process ends (open_run took it to resume)
         harness.lock_folder(args.out, new_file=checkpoint_path if resume is None else None)
         harness.check_free_space(args.out, harness.checkpoint_bytes(model), "a checkpoint")
         harness.trim_metrics(metrics_path, step)
@@ -363,14 +370,14 @@ def main(args):
         harness.set_rng_state(resume["rng"][rank])
 
     # ---- checkpoint --------------------------------------------------------------
-    def write_checkpoint():
+    def write_checkpoint(finished=False):
         states, bad_images = harness.gather_rng_states(world_size, model, ema), loader.bad_images(world_size)
         if rank != 0:
             return
         state = {"stage": args.stage, "step": step, "skipped": skipped, "args": vars(args),
                  "tokenizer_config": model.config,
                  "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                 "rng": states, "bad_images": bad_images}
+                 "rng": states, "bad_images": bad_images, "finished": finished}
         if discriminator is not None:
             state.update(discriminator=unwrap(discriminator).state_dict(), disc_config=unwrap(discriminator).config,
                          disc_optimizer=disc_optimizer.state_dict(), gan_start=gan_start)
@@ -425,11 +432,12 @@ def main(args):
     # then computes the statistics (a resumed run at its last step goes straight here).
     finished = step >= args.steps and store_latent_statistics(ema, model, dataset, args, rank, world_size, device,
                                                               stop)
-    write_checkpoint()
+    write_checkpoint(finished)
     if not finished:
         if rank == 0:
             stop.report(step, checkpoint_path)
-        return cleanup_distributed()
+        cleanup_distributed()
+        return harness.STOPPED
     if rank == 0:
         summary = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k in ("loss", "psnr", "sp")
                             and v is not None)
@@ -551,4 +559,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    sys.exit(main(parse_args()))

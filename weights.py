@@ -4,6 +4,7 @@ state-dict loader, the weight hash that keys caches and samples to the weights t
 them, a safetensors reader, and the conversion of Hugging Face DINOv2 files to the official
 key layout that our DINOv2 class uses.
 """
+import hashlib
 import json
 import math
 import os
@@ -52,6 +53,13 @@ def load_state_dict_strict(model, state, source):
                            + ". Check that the file and the model name/overrides belong together.")
     model.load_state_dict(state, strict=True)
 
+
+
+def weights_hash(model):
+    """sha256 of a model's config and of every weight and buffer it computes with: what
+    a sample batch and a DiT's checkpoint record of the models they came from."""
+    digest = hashlib.sha256(json.dumps(model.config, sort_keys=True, default=str).encode())
+    return hash_weights(digest, model.state_dict().items()).hexdigest()
 
 
 def hash_weights(digest, named_tensors):

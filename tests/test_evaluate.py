@@ -412,15 +412,22 @@ def test_stats_and_metrics_end_to_end(inception, tmp_path, monkeypatch, capsys):
     # above and only recorded here).
     samples = str(tmp_path / "samples.npz")
     save_npz(samples, arr_0=images, arr_1=labels)
-    calls = []
+    calls, scored = [], []
     monkeypatch.setattr(evaluate, "frechet_distance", lambda *s: calls.append(s) or float(len(calls)))
+    monkeypatch.setattr(evaluate, "inception_score", lambda logits, *a: scored.append(logits) or inception_score(
+        logits, *a))
     main(["metrics", "--samples", samples, "--ref", ref, "--out", out, *common])
     with open(out) as f:
         results = json.load(f)
     assert results["fid"] == 1.0 and results["sfid"] == 2.0 and results["num_samples"] == 8
     assert results["preprocess"] == "pytorch-fid"
     assert results["precision"] == 1.0 and results["recall"] == 1.0
-    assert 1.0 <= results["inception_score"] < 1008
+    # IS from the logits without the classifier's bias (as ADM and torch-fidelity): the
+    # samples are the reference images, so their pool features are the reference's
+    [logits] = scored
+    unbiased = stats["pool"].astype(np.float64) @ inception.fc.weight.detach().double().numpy().T
+    assert np.abs(np.asarray(logits) - unbiased).max() < 1e-3 * np.abs(unbiased).max() + 1e-6
+    assert inception.fc.bias.abs().max() > 0.5                           # the bias would show
     (mu1, s1, mu2, s2), (mu1_s, s1_s, mu2_s, s2_s) = calls
     def close(a, b):
         return np.linalg.norm(a - b) < 1e-4 * np.linalg.norm(b)

@@ -97,7 +97,7 @@ def test_sigterm_finishes_the_step_saves_and_a_second_run_is_refused(tiny, tmp_p
         train_diffusion.main(train_diffusion.parse_args(dit_argv(tiny, out, 3)))
     os.killpg(process.pid, signal.SIGTERM)            # as SLURM does: the data loader's worker gets it too
     stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 0, stderr[-2000:]
+    assert process.returncode == harness.STOPPED, stderr[-2000:]
     [line] = [line for line in stdout.splitlines() if line.startswith("stopped by SIGTERM")]
     step = int(line.split(" at step ")[1].split(";")[0])
     assert "--resume" in line and "Traceback" not in stderr
@@ -132,7 +132,7 @@ def test_sigint_stops_the_tokenizer_cleanly(tmp_path):
     wait_for(lambda: metric_lines(out) >= 1, process, "a logged step")
     os.killpg(process.pid, signal.SIGINT)             # as Ctrl-C does: to the whole foreground group
     stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 0 and "Traceback" not in stderr, stderr[-2000:]
+    assert process.returncode == harness.STOPPED and "Traceback" not in stderr, stderr[-2000:]
     step = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
     assert f"stopped by SIGINT at step {step}; saved" in stdout and "--resume" in stdout
 
@@ -146,7 +146,7 @@ def test_a_signal_during_the_latent_statistics_saves_the_weights_and_resume_fini
     time.sleep(0.5)
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=60)
-    assert process.returncode == 0 and "Traceback" not in stderr, stderr[-2000:]
+    assert process.returncode == harness.STOPPED and "Traceback" not in stderr, stderr[-2000:]
     assert "stopped by SIGTERM at step 2; saved" in stdout and "stage 1 done" not in stdout
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
     assert checkpoint["step"] == 2 and (checkpoint["ema"]["latent_std"] == 1).all()       # weights, no statistics
@@ -166,7 +166,7 @@ def test_sigterm_keeps_the_finished_sample_shards(tiny, tmp_path):
     wait_for(lambda: len(shards()) >= 1, process, "a finished shard")
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 0 and "Traceback" not in stderr, stderr[-2000:]
+    assert process.returncode == harness.STOPPED and "Traceback" not in stderr, stderr[-2000:]
     assert f"stopped by SIGTERM: {len(shards())} of 200 shards kept in" in stdout and not out.exists()
     assert all(len(np.load(path)["arr_0"]) == 2 for path in shards())
 
@@ -253,7 +253,7 @@ def test_a_signal_during_the_latent_cache_build_stops_within_a_batch(tiny, tmp_p
     time.sleep(0.5)
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=60)
-    assert process.returncode == 0 and "Traceback" not in stderr, stderr[-2000:]
+    assert process.returncode == harness.STOPPED and "Traceback" not in stderr, stderr[-2000:]
     assert "stopped by SIGTERM while encoding the latent cache" in stdout and "Rerun the same command" in stdout
     assert not glob.glob(str(cache / "latents-*.npy")) and not (tmp_path / "run" / "checkpoint.pt").exists()
 
