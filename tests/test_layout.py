@@ -7,7 +7,7 @@ import subprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = [
-    {"layers", "training", "harness", "weights", "data", "latents", "plot"},
+    {"layers", "training", "harness", "weights", "data", "latents", "plot", "claims"},
     {"tokenizer", "dit", "losses", "inception"},
     {"vae"},
     {"sample", "bench"},
