@@ -21,6 +21,7 @@ import shlex
 import signal
 import time
 
+import claims
 import evaluate
 import harness
 from plot import draw_panels, mean_interval
@@ -193,17 +194,57 @@ def cell(values, digits=3):
     return f"{mean:.{digits}f} ± {std:.{digits}f} (n={len(values)})" if len(values) > 1 else f"{mean:.{digits}f}"
 
 
-def verdict(ours, other, higher_is_better):
-    """reproduced / not reproduced / mixed: whether `ours` beats `other` by more than the
-    larger of their spreads (the spread over seeds; a single run borrows the other's)."""
-    (m1, s1), (m2, s2) = mean_std(ours), mean_std(other)
-    margin = max(s1, s2)
-    difference = (m1 - m2) if higher_is_better else (m2 - m1)
-    if difference > margin:
-        return "reproduced"
-    if difference < -margin:
-        return "not reproduced"
-    return "mixed (within the spread over seeds)"
+# The pre-registered primary contrasts, stated in results.md before any number: (claim,
+# variant a, variant b, metric, budget index, the sign the paper claims for a - b). Each is
+# read on the per-seed differences a - b (the variants of a seed share its stand-in, stage 1,
+# data and noise), and the family is Holm-corrected.
+CONTRASTS = [
+    ("stage 1 alone reconstructs worse", "stage 1 only", "full", "psnr", -1, -1),
+    ("w_sp = 0 loses latent semantics", "w_sp = 0", "full", "linear_probe_latents", -1, -1),
+    ("L_sp before the adapter generates worse", "L_sp before the adapter", "full", "class_agreement_samples", -1, -1),
+    ("aligned latents converge faster than the random-init control (shortest budget)", "full", "random encoder",
+     "class_agreement_samples", 0, +1),
+]
+# "About equal" claims, tested for equivalence (TOST) within a margin of the metric (our choice).
+EQUIVALENCES = [
+    ("cosine L_sp generates as well as L2", "cosine L_sp", "full", "class_agreement_samples", -1, 0.05),
+    ("stage 3 keeps generation", "stages 1+2", "full", "class_agreement_samples", -1, 0.05),
+]
+
+
+def per_seed(results, name, key, budget_index):
+    return [runs[budget_index][key] for runs in results.get(name, [])]
+
+
+def paired(results, a, b, key, budget_index):
+    """The per-seed values of a and b over the seeds both have (seed i is seed i in both)."""
+    x, y = per_seed(results, a, key, budget_index), per_seed(results, b, key, budget_index)
+    return x[:len(y)], y[:len(x)]
+
+
+def claim_rows(results, budget, alpha=0.05):
+    """The contrasts' rows (claim, verdict, paired difference with its 95% interval, raw
+    and Holm-corrected p, n), the equivalences' rows, and the speed-up of full over the
+    random-init control as per-seed steps-to-threshold ratios."""
+    present = [c for c in CONTRASTS if c[1] in results and c[2] in results]
+    differences = [claims.paired_difference(*paired(results, a, b, key, i)) for _, a, b, key, i, _ in present]
+    adjusted = claims.holm([d["p"] for d in differences])
+    rows = [(claim, claims.verdict(d, p, sign, alpha), d, p) for (claim, *_, sign), d, p in
+            zip(present, differences, adjusted)]
+    equivalences = []
+    for claim, a, b, key, i, margin in EQUIVALENCES:
+        if a in results and b in results:
+            x, y = paired(results, a, b, key, i)
+            p = claims.equivalence(x, y, margin)
+            equivalences.append((claim, margin, claims.paired_difference(x, y), p,
+                                 "equivalent" if p < alpha else f"not resolved at this power (n={len(x)})"))
+    ratios = []   # threshold: the seed's control's class agreement at the final budget
+    for full, control in zip(results.get("full", []), results.get("random encoder", [])):
+        threshold = control[-1]["class_agreement_samples"]
+        reach = [claims.steps_to_threshold(budget["dit"], [r["class_agreement_samples"] for r in runs], threshold)
+                 for runs in (full, control)]
+        ratios.append(reach[1] / reach[0])
+    return rows, equivalences, ratios
 
 
 def write_report(results, budget, out):
@@ -220,23 +261,26 @@ def write_report(results, budget, out):
         row = [cell(value(name, key)) for key, _ in RECON]
         row += [cell(value(name, "class_agreement_samples")), cell(value(name, "fd_stand_in_samples"))]
         lines.append(f"| {name} | " + " | ".join(row) + f" | {VARIANTS[name]['paper']} |")
-    claims = [
-        ("stage 1 alone reconstructs worse (PSNR)", "stage 1 only", "full", "psnr", False),
-        ("w_sp = 0 loses latent semantics (linear probe)", "w_sp = 0", "full", "linear_probe_latents", False),
-        ("pre-adapter L_sp is worse (class agreement)", "L_sp before the adapter", "full",
-         "class_agreement_samples", False),
-        ("aligned latents let the DiT converge faster than the random-encoder control "
-         "(class agreement after the shortest budget)", "full", "random encoder", "first_agreement", True),
-    ]
-    first = lambda name: [runs[0]["class_agreement_samples"] for runs in results.get(name, [])]
-    lines += ["", "| the paper's claim | here | numbers |", "|---|---|---|"]
-    for claim, a, b, key, a_is_better in claims:
-        if a not in results or b not in results:
-            continue
-        ours, other = (first(a), first(b)) if key == "first_agreement" else (value(a, key), value(b, key))
-        # claim "a is worse than b": b must beat a; claim "a is better": a must beat b.
-        result = verdict(ours, other, True) if a_is_better else verdict(other, ours, True)
-        lines.append(f"| {claim} | {result} | {a}: {cell(ours)}; {b}: {cell(other)} |")
+    rows, equivalences, ratios = claim_rows(results, budget)
+    lines += ["", "## The paper's claims", "",
+              "Pre-registered primary contrasts (stated before the numbers; each on the per-seed paired "
+              "difference a - b, two-sided t test, Holm-corrected over the family; final budget unless named):", ""]
+    lines += [f"{k + 1}. {claim}: {a} vs {b}, {key}, claimed sign of a - b: {'+' if sign > 0 else '-'}"
+              for k, (claim, a, b, key, _, sign) in enumerate(CONTRASTS)]
+    lines += ["", "| claim | verdict | a - b (95% interval) | p | p (Holm) | seeds |", "|---|---|---|---|---|---|"]
+    for claim, found, d, p_holm in rows:
+        interval = f"{d['mean']:+.3f} ({d['low']:+.3f}, {d['high']:+.3f})" if d["n"] > 1 else f"{d['mean']:+.3f}"
+        lines.append(f"| {claim} | {found} | {interval} | {d['p']:.3g} | {p_holm:.3g} | {d['n']} |")
+    if equivalences:
+        lines += ["", "Equivalence claims (two one-sided tests within the margin; our choice of margin):", "",
+                  "| claim | margin | a - b | TOST p | verdict |", "|---|---|---|---|---|"]
+        lines += [f"| {claim} | {margin} | {d['mean']:+.3f} | {p:.3g} | {found} |"
+                  for claim, margin, d, p, found in equivalences]
+    if ratios:
+        lines += ["", "Speed-up: the DiT training steps the random-init control needs to reach its own final "
+                  "class agreement, over the steps full needs to reach the same value, per seed (interpolated "
+                  "between the budgets; a lower bound when full is already past it at the first budget): "
+                  + ", ".join(f"{r:.2f}" for r in ratios) + "."]
     with harness.atomic_path(os.path.join(out, "results.md")) as temporary, open(temporary, "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -267,7 +311,17 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, help="seeds of the headline variants (default: 3; --quick: 2)")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
                         help="which variants to run (default: all)")
+    parser.add_argument("--report", type=harness.input_path(),
+                        help="only rewrite results.md and convergence.png in --out from this results.json "
+                             "(for example docs/ablations/results.json), running nothing")
     args = parser.parse_args(argv)
+    if args.report:
+        with open(args.report) as f:
+            stored = json.load(f)
+        os.makedirs(args.out, exist_ok=True)
+        write_report(stored["results"], stored["budget"], os.path.abspath(args.out))
+        print(f"wrote {args.out}/results.md and convergence.png from {args.report}")
+        return
     budget = dict(BUDGETS["quick" if args.quick else "full"])
     budget["seeds"] = args.seeds or budget["seeds"]
     out = os.path.abspath(args.out)
